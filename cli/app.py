@@ -1,0 +1,126 @@
+"""`onnxstack compress | inspect`: parse options, call the API, print tables, map errors to exit codes.
+
+Exit codes: 0 success, 1 a problem with the input or options (one line on stderr), 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+import onnxstack
+from onnxstack.analyse import ConvInfo
+from onnxstack.errors import OnnxstackError, OutputError
+from onnxstack.io import check_output_path, write_bytes_atomic
+from onnxstack.report import format_table
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"onnxstack: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn):
+    """Turn onnxstack errors into one line and exit 1; never show a traceback for user mistakes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxstackError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+        except MemoryError:
+            _fail("out of memory")
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(onnxstack.__version__, prog_name="onnxstack")
+def main() -> None:
+    """Compress CNNs in ONNX by stacking low-dimensional binary convolution filters."""
+
+
+def default_output(model: Path) -> Path:
+    name = model.name[:-5] if model.name.endswith(".onnx") else model.name
+    return model.with_name(f"{name}.stacked.onnx")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [MODEL.stacked.onnx].")
+@click.option("-d", "--slice-dim", type=int, default=16, show_default=True, help="Input channels per slice.")
+@click.option("-m", "--codebook-size", type=int, default=None, help="Binary codewords per layer [auto].")
+@click.option("--max-codebook-size", type=int, default=256, show_default=True, help="Cap of the automatic codebook size.")
+@click.option("--scale", type=click.Choice(["slice", "filter"]), default="slice", show_default=True,
+              help="One float16 scale per slice or per filter.")
+@click.option("--execution", type=click.Choice(["auto", "dense", "stacked"]), default="auto", show_default=True,
+              help="How compressed layers run: cost model, decode+Conv, or binary Conv+sparse merge.")
+@click.option("--skip", multiple=True, metavar="NODE", help="Conv node name to leave dense (repeatable).")
+@click.option("--iterations", type=int, default=20, show_default=True, help="Codebook fitting iterations.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
+@handle_errors
+def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, execution, skip, iterations,
+             seed, report_path, overwrite, quiet):
+    """Compress every eligible Conv of MODEL."""
+    config = onnxstack.CompressConfig(
+        slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale,
+        execution=execution, skip=tuple(skip), iterations=iterations, seed=seed)
+    output = output or default_output(model)
+    source = model if model.exists() else None
+    check_output_path(output, overwrite=overwrite, source=source)
+    if report_path is not None:
+        check_output_path(report_path, overwrite=overwrite, source=source)
+        if report_path.resolve() == output.resolve():
+            raise OutputError(f"{report_path}: report and model would be the same file")
+    n_eligible = sum(i.eligible for i in onnxstack.inspect(model, config))
+    with click.progressbar(length=n_eligible, label="compressing", file=sys.stderr,
+                           hidden=quiet or n_eligible == 0, item_show_func=lambda x: x) as bar:
+        result = onnxstack.compress(model, config, progress=lambda name: bar.update(1, name))
+    result.save(output, overwrite=overwrite)
+    if report_path is not None:
+        write_bytes_atomic(json.dumps(result.report, indent=2).encode(), report_path)
+    if not quiet:
+        click.echo(format_table(result.report))
+        click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-d", "--slice-dim", type=int, default=16, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@handle_errors
+def inspect(model, slice_dim, as_json):
+    """List the Conv layers of MODEL, which are eligible, and why the others are not."""
+    infos = onnxstack.inspect(model, onnxstack.CompressConfig(slice_dim=slice_dim))
+    rows = [_inspect_row(i) for i in infos]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no Conv layers")
+        return
+    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in ("name", "shape", "group", "weight_bytes")}
+    click.echo("  ".join(k.ljust(w) for k, w in widths.items()) + "  status")
+    for r in rows:
+        click.echo("  ".join(str(r[k]).ljust(w) for k, w in widths.items()) + "  " +
+                   ("eligible" if r["eligible"] else f"skipped: {r['reason']}"))
+    click.echo(f"{sum(r['eligible'] for r in rows)} of {len(rows)} Conv layers eligible")
+
+
+def _inspect_row(info: ConvInfo) -> dict:
+    size = 4
+    for v in info.shape or ():
+        size *= v
+    return {"name": info.name, "shape": "x".join(map(str, info.shape)) if info.shape else "?",
+            "group": info.group, "weight_bytes": size if info.shape else "?", "eligible": info.eligible,
+            "reason": info.reason}

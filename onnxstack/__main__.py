@@ -1,0 +1,3 @@
+from onnxstack.cli import main
+
+main()

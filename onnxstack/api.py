@@ -1,0 +1,141 @@
+"""The public pipeline: load -> analyse -> plan -> rewrite -> report.
+
+    result = onnxstack.compress("model.onnx", onnxstack.CompressConfig(slice_dim=16))
+    result.save("model.stacked.onnx")
+    session = onnxstack.open_session(result.model)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import __version__, op
+from .analyse import ConvInfo, analyse
+from .config import CompressConfig
+from .errors import ModelError, NothingToCompressError, OnnxstackError
+from .io import save_model_atomic
+from .load import load_model
+from .plan import LayerPlan, plan_layer
+from .report import build_report
+from .rewrite import default_opset, rewrite, upgrade_opset
+
+
+@dataclass
+class CompressResult:
+    """The compressed model, its report, and the config that made it."""
+
+    model: onnx.ModelProto
+    report: dict
+    config: CompressConfig
+    source: Path | None = None
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write atomically; never over the source model, nor over an existing file unless overwrite."""
+        return save_model_atomic(self.model, path, overwrite=overwrite, source=self.source)
+
+
+def inspect(model_or_path, config: CompressConfig | None = None) -> list[ConvInfo]:
+    """Every Conv of the model: eligible, or skipped with a reason."""
+    model, _ = load_model(model_or_path)
+    return analyse(model, config or CompressConfig())
+
+
+def compress(model_or_path, config: CompressConfig | None = None, *,
+             progress: Callable[[str], None] | None = None) -> CompressResult:
+    """Compress every eligible Conv of a model (a path or ModelProto); the input is never modified."""
+    config = config or CompressConfig()
+    model, path = load_model(model_or_path)
+    original_bytes = model.ByteSize()
+    infos = analyse(model, config)
+    _require_eligible(infos)
+    if default_opset(model) < op.MIN_OPSET:
+        model = _upgrade_checked(model)
+        infos = analyse(model, config)
+    weights = {t.name: t for t in model.graph.initializer}
+    plans: dict[tuple, LayerPlan] = {}
+    layers: list[tuple[ConvInfo, LayerPlan | None]] = []
+    for info in infos:
+        if not info.eligible:
+            layers.append((info, None))
+            continue
+        key = (info.weight_name, config.for_layer(info.name))
+        if key not in plans:
+            plans[key] = plan_layer(info, numpy_helper.to_array(weights[info.weight_name]), config)
+        layers.append((info, plans[key]))
+        if progress:
+            progress(info.name)
+    metadata = {"onnxstack.version": __version__, "onnxstack.config": config.to_json()}
+    out = rewrite(model, [(i, p) for i, p in layers if p is not None], metadata)
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except Exception as e:  # noqa: BLE001 - a failure here is our bug, reported as such
+        raise OnnxstackError(f"internal error: the rewritten model fails the ONNX checker: {e}") from None
+    report = build_report(layers, original_bytes, out.ByteSize())
+    return CompressResult(out, report, config, path)
+
+
+def open_session(model_or_path, *, threads: int | None = None, providers: list[str] | None = None):
+    """An onnxruntime InferenceSession for an (original or compressed) model; nothing else needed."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    if isinstance(model_or_path, onnx.ModelProto):
+        source = model_or_path.SerializeToString()
+    else:
+        source = str(model_or_path)
+        if not Path(source).is_file():
+            raise ModelError(f"{source}: no such file")
+    try:
+        return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ModelError(f"onnxruntime cannot load the model: {' '.join(str(e).split())[:300]}") from None
+
+
+def random_inputs(model: onnx.ModelProto, batch: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float inputs for the graph inputs that are not initializers (symbolic dims -> batch)."""
+    inits = {t.name for t in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in tt.shape.dim]
+        feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def _require_eligible(infos: list[ConvInfo]) -> None:
+    if any(i.eligible for i in infos):
+        return
+    if not infos:
+        raise NothingToCompressError("the model has no Conv node")
+    reasons = sorted({i.reason for i in infos})
+    raise NothingToCompressError(f"no eligible Conv among {len(infos)}: {'; '.join(reasons)[:300]}")
+
+
+def _upgrade_checked(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Upgrade to op.MIN_OPSET and prove on a random input that the outputs did not change."""
+    upgraded = upgrade_opset(model, op.MIN_OPSET)
+    try:
+        feeds = random_inputs(model)
+        before = open_session(model).run(None, feeds)
+        after = open_session(upgraded).run(None, feeds)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot verify the opset upgrade to {op.MIN_OPSET}: {' '.join(str(e).split())[:200]}") from None
+    for a, b in zip(before, after):
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-5):
+            raise ModelError(f"upgrading opset {default_opset(model)} to {op.MIN_OPSET} changed the outputs; "
+                             "export the model at opset >= 12")
+    return upgraded

@@ -1,0 +1,136 @@
+"""Compression settings: a frozen, validated dataclass stored in the output model's metadata.
+
+Per-layer overrides are keyed by Conv node name. Values are checked on construction, so a
+config that exists is a config that makes sense; checks that need the model (m no larger
+than a layer's slice count) happen when the layer is planned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+SCALE_MODES = ("slice", "filter")
+EXECUTIONS = ("auto", "dense", "stacked")
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Settings for one Conv node; None keeps the global value."""
+
+    slice_dim: int | None = None
+    codebook_size: int | None = None
+    execution: str | None = None
+    skip: bool = False
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """How every eligible Conv is compressed.
+
+    slice_dim: d, input channels per slice (D = d * kh * kw weights a slice).
+    codebook_size: m, binary codewords shared by one layer's slices; None picks
+        min(max_codebook_size, the largest power of two <= slices / slices_per_codeword).
+    scale: "slice" (one float16 scale per slice) or "filter" (one per output filter).
+    execution: "auto" (cost model), "dense" (decode, then Conv) or "stacked"
+        (binary Conv over channel groups, then a sparse 1x1 merge).
+    iterations: alternating assign / scale / update steps of the codebook fit.
+    skip: Conv node names left dense.
+    overrides: node name -> LayerOverride.
+    """
+
+    slice_dim: int = 16
+    codebook_size: int | None = None
+    max_codebook_size: int = 256
+    slices_per_codeword: int = 4
+    scale: str = "slice"
+    execution: str = "auto"
+    iterations: int = 20
+    seed: int = 0
+    skip: tuple[str, ...] = ()
+    overrides: Mapping[str, LayerOverride] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "overrides", dict(self.overrides))
+        _check_slice_dim(self.slice_dim, "slice_dim")
+        if self.codebook_size is not None:
+            _check_codebook_size(self.codebook_size, "codebook_size")
+        _check_codebook_size(self.max_codebook_size, "max_codebook_size")
+        if self.slices_per_codeword < 1:
+            raise ConfigError(f"slices_per_codeword must be >= 1, got {self.slices_per_codeword}")
+        if self.scale not in SCALE_MODES:
+            raise ConfigError(f"scale must be one of {SCALE_MODES}, got {self.scale!r}")
+        _check_execution(self.execution, "execution")
+        if not 0 <= self.iterations <= 1000:
+            raise ConfigError(f"iterations must be in [0, 1000], got {self.iterations}")
+        for name, ov in self.overrides.items():
+            if not isinstance(ov, LayerOverride):
+                raise ConfigError(f"override for {name!r} must be a LayerOverride, got {type(ov).__name__}")
+            if ov.slice_dim is not None:
+                _check_slice_dim(ov.slice_dim, f"slice_dim of {name!r}")
+            if ov.codebook_size is not None:
+                _check_codebook_size(ov.codebook_size, f"codebook_size of {name!r}")
+            if ov.execution is not None:
+                _check_execution(ov.execution, f"execution of {name!r}")
+
+    def for_layer(self, name: str) -> "LayerSettings":
+        """The settings that apply to one Conv node."""
+        ov = self.overrides.get(name, LayerOverride())
+        return LayerSettings(
+            slice_dim=ov.slice_dim or self.slice_dim,
+            codebook_size=ov.codebook_size or self.codebook_size,
+            execution=ov.execution or self.execution,
+            skip=ov.skip or name in self.skip,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skip"] = list(self.skip)
+        d["overrides"] = {k: dataclasses.asdict(v) for k, v in self.overrides.items()}
+        d["version"] = CONFIG_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CompressConfig":
+        d = dict(d)
+        version = d.pop("version", CONFIG_VERSION)
+        if version != CONFIG_VERSION:
+            raise ConfigError(f"config version {version} is not supported (expected {CONFIG_VERSION})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        d["overrides"] = {k: LayerOverride(**v) for k, v in d.get("overrides", {}).items()}
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    slice_dim: int
+    codebook_size: int | None
+    execution: str
+    skip: bool
+
+
+def _check_slice_dim(v: int, what: str) -> None:
+    if not isinstance(v, int) or not 1 <= v <= 4096:
+        raise ConfigError(f"{what} must be an integer in [1, 4096], got {v!r}")
+
+
+def _check_codebook_size(v: int, what: str) -> None:
+    if not isinstance(v, int) or not 2 <= v <= 65536:
+        raise ConfigError(f"{what} must be an integer in [2, 65536], got {v!r}")
+
+
+def _check_execution(v: str, what: str) -> None:
+    if v not in EXECUTIONS:
+        raise ConfigError(f"{what} must be one of {EXECUTIONS}, got {v!r}")

@@ -1,0 +1,53 @@
+"""Honest bit accounting and the MAC cost model, in one place.
+
+Stored bits of a compressed layer (N filters, s slices of d x kh x kw, m codewords):
+  codebook  8 * ceil(m/8) * d*kh*kw    (packed; padding codewords are stored, so counted)
+  indices   N * s * 8 * itemsize         (uint8 up to m = 256, else uint16)
+  scales    16 * N * s  (per slice) or 16 * N (per filter)
+  bias      32 * N when present
+MACs per output pixel:
+  dense     N * Cg * kh * kw                         (same as the original Conv)
+  stacked   s * M' * d * kh * kw  +  N * s * M'       (M' = 8 * ceil(m/8) codewords)
+"""
+
+from __future__ import annotations
+
+from .bits import index_dtype, packed_rows
+
+
+def dense_bits(n_out: int, channels: int, kh: int, kw: int, has_bias: bool) -> int:
+    """float32 weight (+ bias) bits."""
+    return 32 * (n_out * channels * kh * kw + (n_out if has_bias else 0))
+
+
+def compressed_bits(n_out: int, slices: int, d: int, kh: int, kw: int, m: int, scale: str,
+                    has_bias: bool) -> dict[str, int]:
+    """Every stored bit of one compressed layer, by part, plus the total."""
+    parts = {
+        "codebook": 8 * packed_rows(m) * d * kh * kw,
+        "indices": n_out * slices * 8 * index_dtype(m).itemsize,
+        "scales": 16 * n_out * (slices if scale == "slice" else 1),
+        "bias": 32 * n_out if has_bias else 0,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def macs_per_pixel(form: str, n_out: int, channels: int, kh: int, kw: int, slices: int, d: int, m: int) -> int:
+    """Multiply-accumulates per output pixel of one layer in the given execution form."""
+    if form == "dense":
+        return n_out * channels * kh * kw
+    if form == "stacked":
+        mp = 8 * packed_rows(m)
+        return slices * mp * d * kh * kw + n_out * slices * mp
+    raise ValueError(f"unknown form {form!r}")
+
+
+def choose_form(n_out: int, channels: int, kh: int, kw: int, slices: int, d: int, m: int, group: int,
+                margin: float = 1.25) -> str:
+    """'stacked' where it needs `margin` times fewer MACs than dense (it has overheads), else 'dense'."""
+    if group != 1:
+        return "dense"
+    dense = macs_per_pixel("dense", n_out, channels, kh, kw, slices, d, m)
+    stacked = macs_per_pixel("stacked", n_out, channels, kh, kw, slices, d, m)
+    return "stacked" if stacked * margin < dense else "dense"

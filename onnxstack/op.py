@@ -1,0 +1,205 @@
+"""The StackedBinaryConv custom op, defined once, with its implementations.
+
+    Y = Conv(X, W_hat, B)  with  W_hat[i, j*d:(j+1)*d] = scales[i, j] * codeword[indices[i, j]]
+
+Inputs
+    X         float32 (B, C, H, W)
+    codebook  uint8 (ceil(m/8), d, kh, kw)  packed +-1 codewords (layout: core.bits)
+    indices   uint8 / uint16 (N, s)          codeword of each filter slice, s = ceil(channels/d)
+    scales    float16 (N, s) or (N, 1)        per-slice or per-filter scale (sign included)
+    B         float32 (N,), optional          bias
+Attributes
+    channels  int, required: input channels of the weight (C / group); slices past it are padding
+    auto_pad, dilations, group, kernel_shape, pads, strides: as ONNX Conv
+
+Implementations that tests prove agree:
+  - `stacked_binary_conv`: numpy, the specification (and `StackedBinaryConvRef`, its OpRun
+    adapter for onnx.reference.ReferenceEvaluator);
+  - `make_function(form, opset)`: the model-local ONNX function that stock onnxruntime runs, in
+    two overloads: "dense" (decode W_hat, one Conv) and "stacked" (a Conv of the d-channel groups
+    with the codebook, then a 1x1 Conv with the sparse (N, s*m) merge matrix; group must be 1);
+  - the torch module of the fine-tuning bridge.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx.reference.op_run import OpRun
+
+from .core.bits import unpack_codebook
+from .core.conv import conv2d
+
+DOMAIN = "com.onnxstack"
+OP_TYPE = "StackedBinaryConv"
+VERSION = 1
+FORMS = ("dense", "stacked")
+INPUTS = ["X", "codebook", "indices", "scales", "B"]
+CONV_ATTRS = {
+    "auto_pad": onnx.AttributeProto.STRING,
+    "dilations": onnx.AttributeProto.INTS,
+    "group": onnx.AttributeProto.INT,
+    "kernel_shape": onnx.AttributeProto.INTS,
+    "pads": onnx.AttributeProto.INTS,
+    "strides": onnx.AttributeProto.INTS,
+}
+MIN_OPSET = 12  # Constant(value_int) reads the `channels` attribute
+
+
+def decode_weight(codebook: np.ndarray, indices: np.ndarray, scales: np.ndarray, channels: int) -> np.ndarray:
+    """(N, channels, kh, kw) float32 weight from the stored tensors."""
+    if indices.ndim != 2 or scales.ndim != 2 or scales.shape[0] != indices.shape[0]:
+        raise ValueError(f"indices.shape={indices.shape}, scales.shape={scales.shape} must be (N, s) and (N, s|1)")
+    if scales.shape[1] not in (1, indices.shape[1]):
+        raise ValueError(f"scales.shape={scales.shape} must be (N, 1) or (N, {indices.shape[1]})")
+    books = unpack_codebook(codebook)  # (M', d, kh, kw)
+    if indices.size and int(indices.max()) >= len(books):
+        raise ValueError(f"index {int(indices.max())} out of range for {len(books)} codewords")
+    N, s = indices.shape
+    d = books.shape[1]
+    if not (s - 1) * d < channels <= s * d:
+        raise ValueError(f"channels={channels} does not match s={s} slices of depth d={d}")
+    w = books[indices.astype(np.int64)] * scales.astype(np.float32)[:, :, None, None, None]  # (N, s, d, kh, kw)
+    return w.reshape(N, s * d, *books.shape[2:])[:, :channels]
+
+
+def stacked_binary_conv(X, codebook, indices, scales, B=None, *, channels, auto_pad="NOTSET",
+                        dilations=None, group=1, kernel_shape=None, pads=None, strides=None):
+    """The specification: decode the weight, then ONNX Conv semantics."""
+    if X.ndim != 4 or X.shape[1] != channels * group:
+        raise ValueError(f"X.shape={X.shape} does not fit channels={channels}, group={group}")
+    W = decode_weight(codebook, indices, scales, channels)
+    if kernel_shape is not None and list(kernel_shape) != list(W.shape[2:]):
+        raise ValueError(f"kernel_shape={list(kernel_shape)} but codebook kernel is {list(W.shape[2:])}")
+    return conv2d(X, W, B, strides=strides, pads=pads, dilations=dilations, group=group, auto_pad=auto_pad)
+
+
+class StackedBinaryConvRef(OpRun):
+    """OpRun adapter: ReferenceEvaluator(model, new_ops=[StackedBinaryConvRef])."""
+
+    op_domain = DOMAIN
+
+    def _run(self, X, codebook, indices, scales, B=None, channels=None, auto_pad=None, dilations=None,
+             group=None, kernel_shape=None, pads=None, strides=None):
+        if channels is None:
+            raise ValueError("StackedBinaryConv needs the 'channels' attribute")
+        return (stacked_binary_conv(X, codebook, indices, scales, B, channels=channels,
+                                    auto_pad=auto_pad or "NOTSET", dilations=dilations, group=group or 1,
+                                    kernel_shape=kernel_shape, pads=pads, strides=strides),)
+
+
+StackedBinaryConvRef.__name__ = OP_TYPE  # OpRun classes are looked up by op_type
+
+
+def make_node(inputs: list[str], output: str, name: str, form: str, channels: int, conv_attrs: dict) -> onnx.NodeProto:
+    """A StackedBinaryConv node calling the `form` overload of the function."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    node = helper.make_node(OP_TYPE, inputs, [output], name=name, domain=DOMAIN, channels=channels, **conv_attrs)
+    node.overload = form
+    return node
+
+
+def make_function(form: str, opset: int) -> onnx.FunctionProto:
+    """The model-local function of one overload, its body in standard ops of `opset` (>= 12)."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"StackedBinaryConv needs opset >= {MIN_OPSET}, got {opset}")
+    b = _Body()
+    W4 = _decode_codebook(b)  # (M', d, kh, kw) float
+    if form == "dense":
+        _dense(b, W4)
+    elif form == "stacked":
+        _stacked(b, W4)
+    else:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    fn = helper.make_function(
+        DOMAIN, OP_TYPE, INPUTS, ["Y"], b.nodes, [helper.make_opsetid("", opset)],
+        attributes=["channels", *CONV_ATTRS],
+    )
+    fn.overload = form
+    fn.doc_string = f"StackedBinaryConv v{VERSION}, {form} form (see onnxstack.op)."
+    return fn
+
+
+class _Body:
+    """Collects function-body nodes with short unique names."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+
+    def op(self, op_type, inputs, out=None, **attrs):
+        out = out or f"t{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
+        return out
+
+    def const(self, values, dtype=np.int64):
+        arr = np.asarray(values, dtype=dtype)
+        return self.op("Constant", [], value=onnx.numpy_helper.from_array(arr))
+
+    def ref(self, op_type, inputs, attr_names, out=None, **attrs):
+        """A node whose attributes come from the function's attributes of the same names."""
+        out = self.op(op_type, inputs, out, **attrs)
+        node = self.nodes[-1]
+        for name in attr_names:
+            node.attribute.append(helper.make_attribute_ref(name, CONV_ATTRS[name]))
+        return out
+
+    def part(self, shape, start, end):
+        return self.op("Slice", [shape, self.const([start]), self.const([end])])
+
+
+def _decode_codebook(b: _Body) -> str:
+    """uint8 (M8, d, kh, kw) -> float +-1 (8*M8, d, kh, kw); bit k is (x << (7-k)) >> 7."""
+    left = b.op("BitShift", ["codebook", b.const(np.arange(7, -1, -1).reshape(8, 1, 1, 1, 1), np.uint8)],
+                direction="LEFT")  # (8, M8, d, kh, kw)
+    bit = b.op("BitShift", [left, b.const([7], np.uint8)], direction="RIGHT")
+    pm = b.op("Sub", [b.op("Mul", [b.op("Cast", [bit], to=TensorProto.FLOAT), b.const([2.0], np.float32)]),
+                      b.const([1.0], np.float32)])
+    cb_shape = b.op("Shape", ["codebook"])
+    return b.op("Reshape", [pm, b.op("Concat", [b.const([-1]), b.part(cb_shape, 1, 4)], axis=0)])
+
+
+def _channels(b: _Body) -> str:
+    """1-D int64 [channels] from the attribute."""
+    node = helper.make_node("Constant", [], ["channels_scalar"])
+    node.attribute.append(helper.make_attribute_ref("value_int", onnx.AttributeProto.INT))
+    node.attribute[-1].ref_attr_name = "channels"
+    b.nodes.append(node)
+    return b.op("Reshape", ["channels_scalar", b.const([1])])
+
+
+def _dense(b: _Body, W4: str) -> None:
+    idx = b.op("Cast", ["indices"], to=TensorProto.INT64)
+    picked = b.op("Gather", [W4, idx], axis=0)  # (N, s, d, kh, kw)
+    sc = b.op("Reshape", [b.op("Cast", ["scales"], to=TensorProto.FLOAT), b.const([0, 0, 1, 1, 1])])
+    scaled = b.op("Mul", [picked, sc])
+    kernel = b.part(b.op("Shape", [W4]), 2, 4)
+    padded = b.op("Reshape", [scaled, b.op("Concat", [b.const([0, -1]), kernel], axis=0)])  # (N, s*d, kh, kw)
+    weight = b.op("Slice", [padded, b.const([0]), _channels(b), b.const([1])])
+    b.ref("Conv", ["X", weight, "B"], list(CONV_ATTRS), out="Y")
+
+
+def _stacked(b: _Body, W4: str) -> None:
+    x_shape = b.op("Shape", ["X"])
+    w_shape = b.op("Shape", [W4])
+    idx_shape = b.op("Shape", ["indices"])
+    n_out, s = b.part(idx_shape, 0, 1), b.part(idx_shape, 1, 2)
+    d, m = b.part(w_shape, 1, 2), b.part(w_shape, 0, 1)
+    # X (B, C, H, W) -> zero-pad C to s*d -> (B*s, d, H, W); one Conv with the codebook
+    pad_c = b.op("Sub", [b.op("Mul", [s, d]), _channels(b)])
+    pads = b.op("Concat", [b.const([0, 0, 0, 0, 0]), pad_c, b.const([0, 0])], axis=0)
+    xp = b.op("Pad", ["X", pads])
+    xg = b.op("Reshape", [xp, b.op("Concat", [b.const([-1]), d, b.part(x_shape, 2, 4)], axis=0)])
+    maps = b.ref("Conv", [xg, W4], ["auto_pad", "dilations", "kernel_shape", "pads", "strides"])
+    maps = b.op("Reshape", [maps, b.op("Concat", [b.part(x_shape, 0, 1), b.const([-1]),
+                                                   b.part(b.op("Shape", [maps]), 2, 4)], axis=0)])
+    # merge: (N, s*M') matrix with scales[i, j] at column j*M' + indices[i, j]
+    s_scalar = b.op("Reshape", [s, b.const([], np.int64)])
+    offsets = b.op("Mul", [b.op("Range", [b.const(0), s_scalar, b.const(1)]), m])  # (s,)
+    cols = b.op("Add", [b.op("Cast", ["indices"], to=TensorProto.INT64), offsets])  # (N, s)
+    alpha = b.op("Expand", [b.op("Cast", ["scales"], to=TensorProto.FLOAT), idx_shape])
+    zeros = b.op("ConstantOfShape", [b.op("Concat", [n_out, b.op("Mul", [s, m])], axis=0)])
+    merge = b.op("ScatterElements", [zeros, cols, alpha], axis=1)
+    merge = b.op("Reshape", [merge, b.const([0, 0, 1, 1])])
+    b.op("Conv", [maps, merge, "B"], out="Y")

@@ -1,0 +1,83 @@
+"""Planning one layer: codebook size, fit, execution form and stored bits.
+
+A LayerPlan holds everything the rewrite writes for one weight tensor; fine-tuning reads a plan
+and writes a plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .analyse import ConvInfo
+from .config import CompressConfig
+from .core import cost
+from .core.fit import BinaryFit, fit_binary_codebook, relative_error, to_slices
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The compressed form of one Conv weight (N, Cg, kh, kw)."""
+
+    name: str
+    weight_name: str
+    shape: tuple[int, int, int, int]
+    slice_dim: int
+    codebook_size: int
+    scale: str
+    execution: str
+    fit: BinaryFit
+    weight_rel_error: float
+    has_bias: bool
+    note: str | None = None
+
+    @property
+    def slices(self) -> int:
+        return self.fit.indices.shape[1]
+
+    def bits(self) -> dict[str, int]:
+        n, _, kh, kw = self.shape
+        return cost.compressed_bits(n, self.slices, self.slice_dim, kh, kw, self.codebook_size,
+                                    self.scale, self.has_bias)
+
+    def original_bits(self) -> int:
+        n, cg, kh, kw = self.shape
+        return cost.dense_bits(n, cg, kh, kw, self.has_bias)
+
+    def macs_per_pixel(self) -> dict[str, int]:
+        n, cg, kh, kw = self.shape
+        args = (n, cg, kh, kw, self.slices, self.slice_dim, self.codebook_size)
+        return {"original": cost.macs_per_pixel("dense", *args), "compressed": cost.macs_per_pixel(self.execution, *args)}
+
+
+def default_codebook_size(slices: int, config: CompressConfig) -> int:
+    """Largest power of two <= slices / slices_per_codeword, within [2, max_codebook_size]."""
+    target = max(2, slices // config.slices_per_codeword)
+    m = 1 << (target.bit_length() - 1)
+    return int(min(config.max_codebook_size, max(2, m), slices))
+
+
+def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig) -> LayerPlan:
+    """Fit one eligible Conv weight (N, Cg, kh, kw) under the config's settings for it."""
+    settings = config.for_layer(info.name)
+    d = settings.slice_dim
+    n_out, cg, kh, kw = weight.shape
+    slices = to_slices(weight, d)  # (N, s, D)
+    n_slices = slices.shape[0] * slices.shape[1]
+    m = settings.codebook_size or default_codebook_size(n_slices, config)
+    if m > n_slices:
+        raise ConfigError(f"codebook size m={m} exceeds the {n_slices} slices of layer '{info.name}' "
+                          f"(weight {list(weight.shape)}, d={d}); use m <= {n_slices} or skip the layer")
+    fit = fit_binary_codebook(slices, m, scale=config.scale, iterations=config.iterations, seed=config.seed)
+    form, note = settings.execution, None
+    if form == "stacked" and info.group != 1:
+        form, note = "dense", f"stacked form needs group=1 (group={info.group}); dense used"
+    if form == "auto":
+        form = cost.choose_form(n_out, cg, kh, kw, slices.shape[1], d, m, info.group)
+    return LayerPlan(
+        name=info.name, weight_name=info.weight_name, shape=(n_out, cg, kh, kw), slice_dim=d,
+        codebook_size=m, scale=config.scale, execution=form, fit=fit,
+        weight_rel_error=relative_error(slices, fit), has_bias=info.bias_name is not None, note=note,
+    )

@@ -1,0 +1,78 @@
+"""The compression report: a JSON-ready dict, and the before/after table people read."""
+
+from __future__ import annotations
+
+from .analyse import ConvInfo
+from .core import cost
+from .plan import LayerPlan
+
+
+def layer_entry(info: ConvInfo, plan: LayerPlan | None) -> dict:
+    entry = {"name": info.name, "weight": info.weight_name, "shape": list(info.shape) if info.shape else None,
+             "group": info.group}
+    if plan is None:
+        entry["skipped"] = info.reason
+        if info.shape and len(info.shape) == 4:
+            n, cg, kh, kw = info.shape
+            entry["bits"] = cost.dense_bits(n, cg, kh, kw, info.bias_name is not None)
+        return entry
+    bits = plan.bits()
+    entry.update({
+        "slice_dim": plan.slice_dim, "slices": plan.slices, "codebook_size": plan.codebook_size,
+        "scale": plan.scale, "execution": plan.execution, "bits": bits["total"], "bits_by_part": bits,
+        "original_bits": plan.original_bits(), "ratio": plan.original_bits() / bits["total"],
+        "weight_rel_error": plan.weight_rel_error, "macs_per_pixel": plan.macs_per_pixel(),
+    })
+    if plan.note:
+        entry["note"] = plan.note
+    return entry
+
+
+def build_report(layers: list[tuple[ConvInfo, LayerPlan | None]], original_bytes: int, compressed_bytes: int) -> dict:
+    """Totals count each weight tensor once (shared weights), skipped layers at their dense size."""
+    entries = [layer_entry(i, p) for i, p in layers]
+    seen: dict[str, tuple[int, int]] = {}
+    for (info, plan), e in zip(layers, entries):
+        if "bits" not in e or info.weight_name in seen:
+            continue
+        orig = plan.original_bits() if plan else e["bits"]
+        seen[info.weight_name] = (orig, e["bits"])
+    conv_orig = sum(o for o, _ in seen.values())
+    conv_comp = sum(c for _, c in seen.values())
+    return {
+        "original_bytes": original_bytes,
+        "compressed_bytes": compressed_bytes,
+        "file_ratio": original_bytes / compressed_bytes if compressed_bytes else None,
+        "conv_bits_original": conv_orig,
+        "conv_bits_compressed": conv_comp,
+        "conv_ratio": conv_orig / conv_comp if conv_comp else None,
+        "layers_compressed": sum(1 for _, p in layers if p is not None),
+        "layers_skipped": sum(1 for _, p in layers if p is None),
+        "layers": entries,
+    }
+
+
+def format_table(report: dict) -> str:
+    """Per-layer before/after table with totals."""
+    head = ["layer", "shape", "d", "m", "form", "bits before", "bits after", "ratio", "w.err"]
+    rows = []
+    for e in report["layers"]:
+        shape = "x".join(map(str, e["shape"])) if e["shape"] else "?"
+        if "skipped" in e:
+            b = str(e.get("bits", "?"))
+            rows.append([e["name"], shape, "-", "-", "skipped", b, b, "1.0", e["skipped"]])
+        else:
+            rows.append([e["name"], shape, str(e["slice_dim"]), str(e["codebook_size"]), e["execution"],
+                         str(e["original_bits"]), str(e["bits"]), f"{e['ratio']:.1f}", f"{e['weight_rel_error']:.3f}"])
+    ratio = report["conv_ratio"]
+    rows.append(["total (convs)", "", "", "", "", str(report["conv_bits_original"]),
+                 str(report["conv_bits_compressed"]), f"{ratio:.1f}" if ratio else "-", ""])
+    rows.append(["file (bytes)", "", "", "", "", str(report["original_bytes"]), str(report["compressed_bytes"]),
+                 f"{report['file_ratio']:.1f}" if report["file_ratio"] else "-", ""])
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
+    lines = []
+    for r in [head, *rows]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        if r is head:
+            lines.append("-" * len(lines[0]))
+    return "\n".join(lines)

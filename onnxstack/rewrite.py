@@ -1,0 +1,125 @@
+"""Rewriting the graph: each planned Conv becomes a StackedBinaryConv node in place.
+
+The new model keeps every other node, name, input and output; it carries the op's function
+definitions, imports com.onnxstack, and records the config in metadata_props. Weight tensors
+that nothing else reads are dropped; a weight shared by several compressed Convs is stored once.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import numpy_helper, version_converter
+
+from . import op
+from .analyse import ConvInfo
+from .core.bits import index_dtype, pack_codebook
+from .errors import ModelError
+from .plan import LayerPlan
+
+MIN_IR_VERSION = 10  # function overloads
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    raise ModelError("model imports no default ONNX opset")
+
+
+def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """The model converted to `target` opset by onnx's version converter (caller checks outputs)."""
+    try:
+        return version_converter.convert_version(model, target)
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+        raise ModelError(f"cannot upgrade opset {default_opset(model)} to {target}, "
+                         f"which StackedBinaryConv needs: {' '.join(str(e).split())[:200]}") from None
+
+
+def plan_tensors(plan: LayerPlan) -> dict[str, object]:
+    """The stored tensors of one plan, by role (numpy arrays in their stored dtypes)."""
+    _, _, kh, kw = plan.shape
+    return {
+        "codebook": pack_codebook(plan.fit.codebook, (plan.slice_dim, kh, kw)),
+        "indices": plan.fit.indices.astype(index_dtype(plan.codebook_size)),
+        "scales": plan.fit.scales.astype("float16"),
+    }
+
+
+def tensor_names(plan: LayerPlan) -> dict[str, str]:
+    """Initializer names of a plan's stored tensors, derived from the weight's name."""
+    return {role: f"{plan.weight_name}.{role}" for role in ("codebook", "indices", "scales")}
+
+
+def rewrite(model: onnx.ModelProto, layers: list[tuple[ConvInfo, LayerPlan]], metadata: dict[str, str]) -> onnx.ModelProto:
+    """A new model with each (info, plan) Conv replaced. `model` must already have opset >= op.MIN_OPSET."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    opset = default_opset(out)
+    taken = {t.name for t in graph.initializer} | {v for n in graph.node for v in (*n.input, *n.output)}
+    written: dict[str, dict[str, str]] = {}
+    for info, plan in layers:
+        key = f"{plan.weight_name}|{id(plan)}"
+        if key not in written:
+            names = _unique(tensor_names(plan), taken)
+            for role, arr in plan_tensors(plan).items():
+                graph.initializer.append(numpy_helper.from_array(arr, names[role]))
+            written[key] = names
+        names = written[key]
+        node = graph.node[info.node_index]
+        inputs = [node.input[0], names["codebook"], names["indices"], names["scales"]]
+        if info.bias_name:
+            inputs.append(info.bias_name)
+        new = op.make_node(inputs, node.output[0], node.name, plan.execution, plan.shape[1], info.attrs)
+        graph.node[info.node_index].CopyFrom(new)
+    _drop_unused_initializers(graph, {p.weight_name for _, p in layers})
+    forms = sorted({p.execution for _, p in layers})
+    del out.functions[:]
+    out.functions.extend([f for f in model.functions if f.domain != op.DOMAIN])
+    out.functions.extend(op.make_function(form, opset) for form in forms)
+    if not any(i.domain == op.DOMAIN for i in out.opset_import):
+        out.opset_import.append(onnx.helper.make_opsetid(op.DOMAIN, op.VERSION))
+    out.ir_version = max(out.ir_version, MIN_IR_VERSION)
+    existing = {p.key for p in out.metadata_props}
+    for k, v in metadata.items():
+        if k in existing:
+            next(p for p in out.metadata_props if p.key == k).value = v
+        else:
+            out.metadata_props.add(key=k, value=v)
+    return out
+
+
+def _unique(names: dict[str, str], taken: set[str]) -> dict[str, str]:
+    out = {}
+    for role, name in names.items():
+        candidate, k = name, 1
+        while candidate in taken:
+            candidate, k = f"{name}_{k}", k + 1
+        taken.add(candidate)
+        out[role] = candidate
+    return out
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value name read by a node of the graph or its subgraphs, and the graph outputs."""
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                used |= _used_names(sub)
+    return used
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto, candidates: set[str]) -> None:
+    used = _used_names(graph)
+    dead = candidates - used
+    keep = [t for t in graph.initializer if t.name not in dead]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    inputs = [i for i in graph.input if i.name not in dead]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    infos = [v for v in graph.value_info if v.name not in dead]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from onnxstack.core.fit import fit_binary_codebook, from_slices, relative_error, to_slices
+
+
+def planted(N=64, s=3, D=36, m=12, scale="slice", seed=0):
+    rng = np.random.default_rng(seed)
+    book = np.where(rng.standard_normal((m, D)) > 0, 1.0, -1.0)
+    idx = rng.integers(0, m, (N, s))
+    if scale == "slice":
+        alpha = rng.uniform(0.5, 2.0, (N, s)) * rng.choice([-1, 1], (N, s))
+    else:
+        alpha = np.repeat(rng.uniform(0.5, 2.0, (N, 1)), s, axis=1)
+    return (book[idx] * alpha[:, :, None]).astype(np.float32), book, idx
+
+
+@pytest.mark.parametrize("scale", ["slice", "filter"])
+def test_recovers_planted_codebook(scale):
+    slices, book, idx = planted(scale=scale)
+    fit = fit_binary_codebook(slices, 12, scale=scale, iterations=50, seed=0)
+    assert relative_error(slices, fit) < 2e-3  # float16 scale rounding only
+    # the same partition of slices, up to a relabelling and sign of codewords
+    decoded = fit.codebook[fit.indices]
+    np.testing.assert_array_equal(np.abs(np.einsum("nsd,nsd->ns", decoded, book[idx])), 36)
+
+
+def test_deterministic_for_a_seed():
+    rng = np.random.default_rng(3)
+    slices = rng.standard_normal((40, 5, 27)).astype(np.float32)
+    a = fit_binary_codebook(slices, 16, seed=7)
+    b = fit_binary_codebook(slices, 16, seed=7)
+    for x, y in zip((a.codebook, a.indices, a.scales), (b.codebook, b.indices, b.scales)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_better_than_plain_binarisation():
+    rng = np.random.default_rng(4)
+    slices = rng.standard_normal((128, 4, 72)).astype(np.float32)
+    fit = fit_binary_codebook(slices, 64)
+    err = relative_error(slices, fit)
+    assert 0 < err < 1.0
+    # more codewords never hurt
+    assert relative_error(slices, fit_binary_codebook(slices, 256)) < err
+
+
+@pytest.mark.parametrize("C,d", [(10, 4), (16, 16), (17, 16), (3, 3), (5, 1)])
+def test_slicing_roundtrip_with_padding(C, d):
+    rng = np.random.default_rng(C)
+    w = rng.standard_normal((6, C, 3, 2)).astype(np.float32)
+    s = to_slices(w, d)
+    assert s.shape == (6, -(-C // d), d * 6)
+    np.testing.assert_array_equal(from_slices(s, C, (3, 2)), w)
+    assert np.all(s.reshape(6, -1, 3, 2)[:, C:] == 0)
+
+
+def test_codebook_size_bounds():
+    slices = np.ones((2, 2, 9), np.float32)
+    with pytest.raises(ValueError, match="codebook size"):
+        fit_binary_codebook(slices, 5)
+    with pytest.raises(ValueError, match="codebook size"):
+        fit_binary_codebook(slices, 1)
+
+
+def test_scales_fit_float16():
+    slices = np.full((4, 2, 9), 1e6, np.float32)
+    fit = fit_binary_codebook(slices, 2)
+    assert np.all(np.isfinite(fit.scales.astype(np.float16)))
