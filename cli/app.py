@@ -41,7 +41,23 @@ def handle_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """A group whose usage errors are one line and exit code 2."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        kwargs.pop("standalone_mode", None)
+        try:
+            return super().main(args, prog_name or "onnxstack", standalone_mode=False, **kwargs)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "onnxstack"
+            _fail(f"{e.format_message()} (see '{where} --help')", 2)
+        except click.ClickException as e:
+            _fail(e.format_message(), e.exit_code)
+        except click.Abort:
+            _fail("aborted", 1)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(onnxstack.__version__, prog_name="onnxstack")
 def main() -> None:
     """Compress CNNs in ONNX by stacking low-dimensional binary convolution filters."""
@@ -82,16 +98,28 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         check_output_path(report_path, overwrite=overwrite, source=source)
         if report_path.resolve() == output.resolve():
             raise OutputError(f"{report_path}: report and model would be the same file")
-    n_eligible = sum(i.eligible for i in onnxstack.inspect(model, config))
-    with click.progressbar(length=n_eligible, label="compressing", file=sys.stderr,
-                           hidden=quiet or n_eligible == 0, item_show_func=lambda x: x) as bar:
-        result = onnxstack.compress(model, config, progress=lambda name: bar.update(1, name))
+    result = onnxstack.compress(model, config, progress=None if quiet else _LazyBar("compressing"))
     result.save(output, overwrite=overwrite)
     if report_path is not None:
         write_bytes_atomic(json.dumps(result.report, indent=2).encode(), report_path)
     if not quiet:
         click.echo(format_table(result.report))
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
+
+
+class _LazyBar:
+    """A progress callback whose bar appears with the first update (so early errors stay one line)."""
+
+    def __init__(self, label: str):
+        self.label, self.bar = label, None
+
+    def __call__(self, done: int, total: int, item: str = "") -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, item_show_func=lambda x: x)
+            self.bar.__enter__()
+        self.bar.update(1, item)
+        if done == total:
+            self.bar.__exit__(None, None, None)
 
 
 @main.command()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,11 @@ from onnx import numpy_helper
 from . import __version__, op
 from .analyse import ConvInfo, analyse
 from .config import CompressConfig
-from .errors import ModelError, NothingToCompressError, OnnxstackError
+from .errors import ConfigError, ModelError, NothingToCompressError, OnnxstackError
 from .io import save_model_atomic
 from .load import load_model
 from .plan import LayerPlan, plan_layer
-from .report import build_report
+from .report import SUMMARY_KEYS, build_report
 from .rewrite import default_opset, rewrite, upgrade_opset
 
 
@@ -48,8 +49,11 @@ def inspect(model_or_path, config: CompressConfig | None = None) -> list[ConvInf
 
 
 def compress(model_or_path, config: CompressConfig | None = None, *,
-             progress: Callable[[str], None] | None = None) -> CompressResult:
-    """Compress every eligible Conv of a model (a path or ModelProto); the input is never modified."""
+             progress: Callable[[int, int, str], None] | None = None) -> CompressResult:
+    """Compress every eligible Conv of a model (a path or ModelProto); the input is never modified.
+
+    progress(done, total, layer name) is called after each layer is planned.
+    """
     config = config or CompressConfig()
     model, path = load_model(model_or_path)
     original_bytes = model.ByteSize()
@@ -58,9 +62,11 @@ def compress(model_or_path, config: CompressConfig | None = None, *,
     if default_opset(model) < op.MIN_OPSET:
         model = _upgrade_checked(model)
         infos = analyse(model, config)
+    _check_codebook_sizes(infos, config)
     weights = {t.name: t for t in model.graph.initializer}
     plans: dict[tuple, LayerPlan] = {}
     layers: list[tuple[ConvInfo, LayerPlan | None]] = []
+    total = sum(i.eligible for i in infos)
     for info in infos:
         if not info.eligible:
             layers.append((info, None))
@@ -70,8 +76,13 @@ def compress(model_or_path, config: CompressConfig | None = None, *,
             plans[key] = plan_layer(info, numpy_helper.to_array(weights[info.weight_name]), config)
         layers.append((info, plans[key]))
         if progress:
-            progress(info.name)
-    metadata = {"onnxstack.version": __version__, "onnxstack.config": config.to_json()}
+            progress(sum(p is not None for _, p in layers), total, info.name)
+    summary = build_report(layers, original_bytes, 0)
+    metadata = {
+        "onnxstack.version": __version__,
+        "onnxstack.config": config.to_json(),
+        "onnxstack.report": json.dumps({k: summary[k] for k in SUMMARY_KEYS}),
+    }
     out = rewrite(model, [(i, p) for i, p in layers if p is not None], metadata)
     try:
         onnx.checker.check_model(out, full_check=True)
@@ -123,6 +134,18 @@ def _require_eligible(infos: list[ConvInfo]) -> None:
         raise NothingToCompressError("the model has no Conv node")
     reasons = sorted({i.reason for i in infos})
     raise NothingToCompressError(f"no eligible Conv among {len(infos)}: {'; '.join(reasons)[:300]}")
+
+
+def _check_codebook_sizes(infos: list[ConvInfo], config: CompressConfig) -> None:
+    """An explicit m must fit every layer it applies to (checked before any work is done)."""
+    for info in infos:
+        settings = config.for_layer(info.name)
+        if info.eligible and settings.codebook_size is not None:
+            n_slices = info.shape[0] * -(-info.shape[1] // settings.slice_dim)
+            if settings.codebook_size > n_slices:
+                raise ConfigError(f"codebook size m={settings.codebook_size} exceeds the {n_slices} slices of layer "
+                                  f"'{info.name}' (weight {list(info.shape)}, d={settings.slice_dim}); "
+                                  f"use m <= {n_slices} or skip the layer")
 
 
 def _upgrade_checked(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -6,6 +6,8 @@ from .analyse import ConvInfo
 from .core import cost
 from .plan import LayerPlan
 
+SUMMARY_KEYS = ("conv_bits_original", "conv_bits_compressed", "conv_ratio", "layers_compressed", "layers_skipped")
+
 
 def layer_entry(info: ConvInfo, plan: LayerPlan | None) -> dict:
     entry = {"name": info.name, "weight": info.weight_name, "shape": list(info.shape) if info.shape else None,
@@ -29,16 +31,19 @@ def layer_entry(info: ConvInfo, plan: LayerPlan | None) -> dict:
 
 
 def build_report(layers: list[tuple[ConvInfo, LayerPlan | None]], original_bytes: int, compressed_bytes: int) -> dict:
-    """Totals count each weight tensor once (shared weights), skipped layers at their dense size."""
+    """Totals count each stored tensor once (weights and biases may be shared), skipped layers dense."""
     entries = [layer_entry(i, p) for i, p in layers]
-    seen: dict[str, tuple[int, int]] = {}
+    tensors: dict[str, tuple[int, int]] = {}  # name -> (bits before, bits after)
     for (info, plan), e in zip(layers, entries):
-        if "bits" not in e or info.weight_name in seen:
+        if "bits" not in e:
             continue
-        orig = plan.original_bits() if plan else e["bits"]
-        seen[info.weight_name] = (orig, e["bits"])
-    conv_orig = sum(o for o, _ in seen.values())
-    conv_comp = sum(c for _, c in seen.values())
+        bias_bits = 32 * info.shape[0] if info.bias_name else 0
+        if info.bias_name:
+            tensors[info.bias_name] = (bias_bits, bias_bits)
+        before = (plan.original_bits() if plan else e["bits"]) - bias_bits
+        tensors[info.weight_name] = (before, e["bits"] - bias_bits)
+    conv_orig = sum(b for b, _ in tensors.values())
+    conv_comp = sum(a for _, a in tensors.values())
     return {
         "original_bytes": original_bytes,
         "compressed_bytes": compressed_bytes,

@@ -81,10 +81,11 @@ def fit_binary_codebook(
             break
         B = _update(X, B, idx, alpha, rng)
     _, B, idx, alpha = best
+    alpha = alpha.reshape(N, s)
     return BinaryFit(
         codebook=B.astype(np.int8),
         indices=idx.reshape(N, s).astype(np.int64),
-        scales=_to_float16_range(alpha.reshape(N, -1)),
+        scales=alpha if scale == "slice" else alpha[:, :1],
     )
 
 
