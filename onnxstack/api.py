@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from . import __version__, op
 from .analyse import ConvInfo, analyse
+from .calibrate import calibrated_plans
 from .config import CompressConfig
 from .errors import ConfigError, ModelError, NothingToCompressError, OnnxstackError
 from .io import save_model_atomic
@@ -48,10 +49,12 @@ def inspect(model_or_path, config: CompressConfig | None = None) -> list[ConvInf
     return analyse(model, config or CompressConfig())
 
 
-def compress(model_or_path, config: CompressConfig | None = None, *,
+def compress(model_or_path, config: CompressConfig | None = None, *, data=None,
              progress: Callable[[int, int, str], None] | None = None) -> CompressResult:
     """Compress every eligible Conv of a model (a path or ModelProto); the input is never modified.
 
+    data: calibration inputs (a dict of arrays keyed by input name); with it every layer is fitted to
+    preserve the original model's outputs (see calibrate.py), without it to preserve its weights.
     progress(done, total, layer name) is called after each layer is planned.
     """
     config = config or CompressConfig()
@@ -65,18 +68,22 @@ def compress(model_or_path, config: CompressConfig | None = None, *,
     _check_codebook_sizes(infos, config)
     weights = {t.name: t for t in model.graph.initializer}
     plans: dict[tuple, LayerPlan] = {}
-    layers: list[tuple[ConvInfo, LayerPlan | None]] = []
     total = sum(i.eligible for i in infos)
-    for info in infos:
-        if not info.eligible:
-            layers.append((info, None))
-            continue
-        key = (info.weight_name, config.for_layer(info.name))
-        if key not in plans:
-            plans[key] = plan_layer(info, numpy_helper.to_array(weights[info.weight_name]), config)
-        layers.append((info, plans[key]))
-        if progress:
-            progress(sum(p is not None for _, p in layers), total, info.name)
+    counter = iter(range(1, total + 1))
+    report_progress = (lambda name: progress(next(counter), total, name)) if progress else None
+    if data is not None:
+        by_node = calibrated_plans(model, infos, data, config, report_progress)
+    else:
+        by_node = {}
+        for info in infos:
+            if info.eligible:
+                key = (info.weight_name, config.for_layer(info.name))
+                if key not in plans:
+                    plans[key] = plan_layer(info, numpy_helper.to_array(weights[info.weight_name]), config)
+                by_node[info.node_index] = plans[key]
+                if report_progress:
+                    report_progress(info.name)
+    layers = [(info, by_node.get(info.node_index)) for info in infos]
     summary = build_report(layers, original_bytes, 0)
     metadata = {
         "onnxstack.version": __version__,
@@ -97,6 +104,7 @@ def open_session(model_or_path, *, threads: int | None = None, providers: list[s
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -42,6 +42,8 @@ class CompressConfig:
     iterations: alternating assign / scale / update steps of the codebook fit.
     skip: Conv node names left dense.
     overrides: node name -> LayerOverride.
+    calibration_positions: output positions sampled per calibration image and layer.
+    calibration_damp: ridge term of the output-aware fit, relative to the mean input energy.
     """
 
     slice_dim: int = 16
@@ -52,6 +54,8 @@ class CompressConfig:
     execution: str = "auto"
     iterations: int = 20
     seed: int = 0
+    calibration_positions: int = 64
+    calibration_damp: float = 0.01
     skip: tuple[str, ...] = ()
     overrides: Mapping[str, LayerOverride] = field(default_factory=dict)
 
@@ -69,6 +73,10 @@ class CompressConfig:
         _check_execution(self.execution, "execution")
         if not 0 <= self.iterations <= 1000:
             raise ConfigError(f"iterations must be in [0, 1000], got {self.iterations}")
+        if not 1 <= self.calibration_positions <= 1 << 20:
+            raise ConfigError(f"calibration_positions must be in [1, 1048576], got {self.calibration_positions}")
+        if not 0 < self.calibration_damp < 100:
+            raise ConfigError(f"calibration_damp must be in (0, 100), got {self.calibration_damp}")
         for name, ov in self.overrides.items():
             if not isinstance(ov, LayerOverride):
                 raise ConfigError(f"override for {name!r} must be a LayerOverride, got {type(ov).__name__}")

@@ -6,7 +6,7 @@ and writes a plan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,8 +30,17 @@ class LayerPlan:
     execution: str
     fit: BinaryFit
     weight_rel_error: float
-    has_bias: bool
+    has_bias: bool  # the original layer's
     note: str | None = None
+    bias: np.ndarray | None = field(default=None, repr=False, compare=False)  # new bias from calibration
+
+    def with_fit(self, fit: BinaryFit, weight_rel_error: float, bias: np.ndarray | None) -> "LayerPlan":
+        """The same layer with another fit (and a corrected bias, which the layer then stores)."""
+        return replace(self, fit=fit, weight_rel_error=weight_rel_error, bias=bias)
+
+    @property
+    def stores_bias(self) -> bool:
+        return self.has_bias or self.bias is not None
 
     @property
     def slices(self) -> int:
@@ -40,7 +49,7 @@ class LayerPlan:
     def bits(self) -> dict[str, int]:
         n, _, kh, kw = self.shape
         return cost.compressed_bits(n, self.slices, self.slice_dim, kh, kw, self.codebook_size,
-                                    self.scale, self.has_bias)
+                                    self.scale, self.stores_bias)
 
     def original_bits(self) -> int:
         n, cg, kh, kw = self.shape
@@ -59,8 +68,10 @@ def default_codebook_size(slices: int, config: CompressConfig) -> int:
     return int(min(config.max_codebook_size, max(2, m), slices))
 
 
-def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig) -> LayerPlan:
-    """Fit one eligible Conv weight (N, Cg, kh, kw) under the config's settings for it."""
+def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig, *, fit: bool = True) -> LayerPlan:
+    """Fit one eligible Conv weight (N, Cg, kh, kw) under the config's settings for it.
+
+    fit=False returns the plan's settings with a placeholder fit (calibration fits it)."""
     settings = config.for_layer(info.name)
     d = settings.slice_dim
     n_out, cg, kh, kw = weight.shape
@@ -70,7 +81,11 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig) -> La
     if m > n_slices:
         raise ConfigError(f"codebook size m={m} exceeds the {n_slices} slices of layer '{info.name}' "
                           f"(weight {list(weight.shape)}, d={d}); use m <= {n_slices} or skip the layer")
-    fit = fit_binary_codebook(slices, m, scale=config.scale, iterations=config.iterations, seed=config.seed)
+    if fit:
+        result = fit_binary_codebook(slices, m, scale=config.scale, iterations=config.iterations, seed=config.seed)
+    else:
+        result = BinaryFit(np.ones((m, slices.shape[2]), np.int8), np.zeros(slices.shape[:2], np.int64),
+                           np.zeros((n_out, slices.shape[1]), np.float32))
     form, note = settings.execution, None
     if form == "stacked" and info.group != 1:
         form, note = "dense", f"stacked form needs group=1 (group={info.group}); dense used"
@@ -78,6 +93,6 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig) -> La
         form = cost.choose_form(n_out, cg, kh, kw, slices.shape[1], d, m, info.group)
     return LayerPlan(
         name=info.name, weight_name=info.weight_name, shape=(n_out, cg, kh, kw), slice_dim=d,
-        codebook_size=m, scale=config.scale, execution=form, fit=fit,
-        weight_rel_error=relative_error(slices, fit), has_bias=info.bias_name is not None, note=note,
+        codebook_size=m, scale=config.scale, execution=form, fit=result,
+        weight_rel_error=relative_error(slices, result), has_bias=info.bias_name is not None, note=note,
     )

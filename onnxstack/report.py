@@ -37,6 +37,9 @@ def build_report(layers: list[tuple[ConvInfo, LayerPlan | None]], original_bytes
     for (info, plan), e in zip(layers, entries):
         if "bits" not in e:
             continue
+        if plan is not None and plan.bias is not None:  # calibration stores a new bias with the layer
+            tensors[info.weight_name] = (plan.original_bits(), e["bits"])
+            continue
         bias_bits = 32 * info.shape[0] if info.bias_name else 0
         if info.bias_name:
             tensors[info.bias_name] = (bias_bits, bias_bits)

@@ -38,16 +38,20 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
 def plan_tensors(plan: LayerPlan) -> dict[str, object]:
     """The stored tensors of one plan, by role (numpy arrays in their stored dtypes)."""
     _, _, kh, kw = plan.shape
-    return {
+    out = {
         "codebook": pack_codebook(plan.fit.codebook, (plan.slice_dim, kh, kw)),
         "indices": plan.fit.indices.astype(index_dtype(plan.codebook_size)),
         "scales": plan.fit.scales.astype("float16"),
     }
+    if plan.bias is not None:
+        out["bias"] = plan.bias.astype("float32")
+    return out
 
 
 def tensor_names(plan: LayerPlan) -> dict[str, str]:
     """Initializer names of a plan's stored tensors, derived from the weight's name."""
-    return {role: f"{plan.weight_name}.{role}" for role in ("codebook", "indices", "scales")}
+    roles = ("codebook", "indices", "scales") + (("bias",) if plan.bias is not None else ())
+    return {role: f"{plan.weight_name}.{role}" for role in roles}
 
 
 def rewrite(model: onnx.ModelProto, layers: list[tuple[ConvInfo, LayerPlan]], metadata: dict[str, str]) -> onnx.ModelProto:
@@ -68,11 +72,13 @@ def rewrite(model: onnx.ModelProto, layers: list[tuple[ConvInfo, LayerPlan]], me
         names = written[key]
         node = graph.node[info.node_index]
         inputs = [node.input[0], names["codebook"], names["indices"], names["scales"]]
-        if info.bias_name:
+        if "bias" in names:
+            inputs.append(names["bias"])
+        elif info.bias_name:
             inputs.append(info.bias_name)
         new = op.make_node(inputs, node.output[0], node.name, plan.execution, plan.shape[1], info.attrs)
         graph.node[info.node_index].CopyFrom(new)
-    _drop_unused_initializers(graph, {p.weight_name for _, p in layers})
+    _drop_unused_initializers(graph, {p.weight_name for _, p in layers} | {i.bias_name for i, _ in layers if i.bias_name})
     forms = sorted({p.execution for _, p in layers})
     del out.functions[:]
     out.functions.extend([f for f in model.functions if f.domain != op.DOMAIN])

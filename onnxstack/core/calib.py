@@ -1,0 +1,156 @@
+"""Output-aware fitting of one Conv from calibration statistics (pure numpy).
+
+For a Conv with weight W (N, K = Cg*kh*kw as rows of im2col features), calibration gives sampled
+im2col rows X of the layer's *current* input (earlier layers already compressed) and the *original*
+layer's outputs Y at the same positions. The fit minimises the output error
+
+    || X W_hat^T + b - Y ||^2  =  || W_hat - W* ||_H^2 + const,   H = Xc^T Xc (centred), W* = H^-1 Xc^T Yc,
+
+so accumulated error from earlier layers is corrected, not just preserved. The binary structure is
+fitted GPTQ-style: slice positions j = 0..s-1 in turn, each filter's slice picks the codeword and scale
+that are best under the conditional metric of the features not yet fixed, and the error is pushed
+onto the later slices through the Cholesky factor U of H^-1 (H^-1 = U^T U). The codebook is then
+re-estimated from the targets, and the pass repeated. Finally each output channel gets the
+least-squares gain and the bias that match the original outputs (statistics correction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .conv import resolve_pads
+from .fit import BinaryFit, _to_float16_range, fit_binary_codebook, to_slices
+
+
+def output_size(in_hw, kernel, strides, pads, dilations):
+    return tuple((size + pads[i] + pads[i + 2] - ((k - 1) * dl + 1)) // st + 1
+                 for i, (size, k, st, dl) in enumerate(zip(in_hw, kernel, strides, dilations)))
+
+
+def im2col_rows(x: np.ndarray, positions: np.ndarray, kernel, strides=None, pads=None, dilations=None,
+                auto_pad="NOTSET") -> np.ndarray:
+    """Sampled im2col rows: x (B, C, H, W), positions (B, P) flat output indices -> (B*P, C*kh*kw)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    B, C, H, W = x.shape
+    kh, kw = kernel
+    strides, dilations = list(strides or [1, 1]), list(dilations or [1, 1])
+    p = resolve_pads((H, W), kernel, strides, dilations, pads, auto_pad)
+    _, wo = output_size((H, W), kernel, strides, p, dilations)
+    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
+    span = ((kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1)
+    win = sliding_window_view(xp, span, axis=(2, 3))[..., :: dilations[0], :: dilations[1]]  # (B, C, H', W', kh, kw)
+    oh, ow = positions // wo * strides[0], positions % wo * strides[1]
+    b = np.repeat(np.arange(B), positions.shape[1])
+    rows = win[b, :, oh.ravel(), ow.ravel()]  # (B*P, C, kh, kw)
+    return rows.reshape(len(b), C * kh * kw)
+
+
+@dataclass
+class LayerStats:
+    """Running sums over sampled rows of X (current input, K features) and Y (original output, N)."""
+
+    n: int
+    sx: np.ndarray   # (K,)
+    sxx: np.ndarray  # (K, K)
+    sy: np.ndarray   # (N,)
+    sxy: np.ndarray  # (K, N)
+    syy: np.ndarray  # (N,)
+
+    @classmethod
+    def empty(cls, K: int, N: int) -> "LayerStats":
+        z = np.zeros
+        return cls(0, z(K), z((K, K)), z(N), z((K, N)), z(N))
+
+    def add(self, X: np.ndarray, Y: np.ndarray) -> None:
+        X, Y = X.astype(np.float64), Y.astype(np.float64)
+        self.n += len(X)
+        self.sx += X.sum(0)
+        self.sxx += X.T @ X
+        self.sy += Y.sum(0)
+        self.sxy += X.T @ Y
+        self.syy += (Y * Y).sum(0)
+
+    def centred(self):
+        """(mean_x (K,), H (K,K), G (K,N), mean_y (N,)) with H, G of centred data."""
+        mx, my = self.sx / self.n, self.sy / self.n
+        H = self.sxx - self.n * np.outer(mx, mx)
+        G = self.sxy - self.n * np.outer(mx, my)
+        return mx, H, G, my
+
+
+def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, rounds: int = 3,
+                     damp: float = 0.01, iterations: int = 20, seed: int = 0, correct: bool = True
+                     ) -> tuple[BinaryFit, np.ndarray]:
+    """Per-slice-scale fit of weight (N, Cg, kh, kw) under the output metric; returns (fit, new bias (N,))."""
+    N, cg, kh, kw = weight.shape
+    s, D = -(-cg // d), d * kh * kw
+    K, Kp = cg * kh * kw, s * D
+    mx, H, G, my = stats.centred()
+    Hp = np.zeros((Kp, Kp))
+    Hp[:K, :K] = H
+    lam = damp * max(float(np.mean(np.diag(H))), 1e-12)
+    Hp[np.diag_indices(Kp)] += lam
+    Gp = np.zeros((Kp, N))
+    Gp[:K] = G
+    Wstar = np.linalg.solve(Hp, Gp).T  # (N, Kp) least-squares weight for the current inputs
+    U = np.linalg.cholesky(np.linalg.inv(Hp)).T  # upper, H^-1 = U^T U
+    init = fit_binary_codebook(to_slices(Wstar.reshape(N, s * d, kh, kw).astype(np.float32), d)[:, :, :],
+                               m, iterations=iterations, seed=seed)
+    B = init.codebook.astype(np.float64)  # (m, D)
+    best = None
+    for _ in range(max(rounds, 1)):
+        idx, alpha, targets = _sequential_pass(Wstar, U, B, s, D)
+        What = (B[idx] * alpha[:, :, None]).reshape(N, Kp)
+        err = float(np.einsum("nk,kl,nl->", What - Wstar, Hp, What - Wstar))
+        if best is None or err < best[0]:
+            best = (err, B.copy(), idx, alpha)
+        B = _update_codebook(B, idx, alpha, targets)
+    _, B, idx, alpha = best
+    What = (B[idx] * alpha[:, :, None]).reshape(N, Kp)[:, :K]  # (N, K)
+    if correct:
+        # per-channel least-squares gain: min_g || g Xc w_i - Yc_i ||^2, folded into the scales
+        num = np.einsum("nk,kn->n", What, G)
+        den = np.einsum("nk,kl,nl->n", What, H, What)
+        gain = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+        alpha = alpha * gain[:, None]
+    alpha = _to_float16_range(alpha)
+    What = (B[idx] * alpha[:, :, None]).reshape(N, Kp)[:, :K]
+    bias = my - What @ mx  # exact for the centred objective
+    fit = BinaryFit(codebook=B.astype(np.int8), indices=idx.astype(np.int64), scales=alpha.astype(np.float32))
+    return fit, bias.astype(np.float32)
+
+
+def _sequential_pass(Wstar, U, B, s, D):
+    """GPTQ-style pass over slice positions; returns indices (N, s), scales (N, s), targets (N, s, D)."""
+    N = Wstar.shape[0]
+    Wc = Wstar.copy()
+    idx = np.zeros((N, s), np.int64)
+    alpha = np.zeros((N, s))
+    targets = np.zeros((N, s, D))
+    rows = np.arange(N)
+    for j in range(s):  # sequential by construction; vectorised over filters and codewords
+        jb = slice(j * D, (j + 1) * D)
+        Linv = np.linalg.inv(U[jb, jb])  # metric of slice j given the later features: ||e Linv||^2
+        Y = Wc[:, jb] @ Linv  # (N, D)
+        Z = B @ Linv  # (m, D)
+        corr = Y @ Z.T  # (N, m)
+        zz = np.maximum((Z * Z).sum(1), 1e-30)
+        t = np.argmax(corr * corr / zz, axis=1)
+        a = corr[rows, t] / zz[t]
+        a = a.astype(np.float16).astype(np.float64)
+        targets[:, j] = Wc[:, jb]
+        E = Wc[:, jb] - a[:, None] * B[t]
+        Wc[:, (j + 1) * D:] -= E @ Linv @ U[jb, (j + 1) * D:]
+        idx[:, j], alpha[:, j] = t, a
+    return idx, alpha, targets
+
+
+def _update_codebook(B, idx, alpha, targets):
+    """B_t = sign(sum alpha * target) over the slices that use it (unused codewords kept)."""
+    m, D = B.shape
+    acc = np.zeros((m, D))
+    np.add.at(acc, idx.ravel(), (alpha[:, :, None] * targets).reshape(-1, D))
+    return np.where(acc > 0, 1.0, np.where(acc < 0, -1.0, B))

@@ -1,0 +1,81 @@
+import numpy as np
+import onnx
+import pytest
+
+import onnxstack
+from onnxstack import CompressConfig
+from onnxstack.core.calib import LayerStats, fit_output_aware, im2col_rows, output_size
+from onnxstack.core.conv import conv2d, resolve_pads
+from onnxstack.core.fit import fit_binary_codebook, from_slices, to_slices
+
+from .models import conv_model, run_ort
+
+
+@pytest.mark.parametrize("attrs", [{}, {"strides": [2, 1], "pads": [1, 0, 2, 1]}, {"dilations": [2, 2]},
+                                   {"auto_pad": "SAME_UPPER", "strides": [2, 2]}])
+def test_im2col_rows_match_conv(attrs):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 11, 9)).astype(np.float32)
+    w = rng.standard_normal((4, 5, 3, 3)).astype(np.float32)
+    y = conv2d(x, w, **attrs)
+    pads = resolve_pads((11, 9), (3, 3), attrs.get("strides", [1, 1]), attrs.get("dilations", [1, 1]),
+                        attrs.get("pads"), attrs.get("auto_pad", "NOTSET"))
+    ho, wo = output_size((11, 9), (3, 3), attrs.get("strides", [1, 1]), pads, attrs.get("dilations", [1, 1]))
+    assert (ho, wo) == y.shape[2:]
+    pos = rng.integers(0, ho * wo, (3, 7))
+    rows = im2col_rows(x, pos, (3, 3), **attrs)
+    expect = y.reshape(3, 4, -1)[np.arange(3)[:, None], :, pos].reshape(-1, 4)
+    np.testing.assert_allclose(rows @ w.reshape(4, -1).T, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_stats_are_centred_moments():
+    rng = np.random.default_rng(1)
+    X, Y = rng.standard_normal((500, 6)) + 3, rng.standard_normal((500, 2))
+    st = LayerStats.empty(6, 2)
+    st.add(X[:200], Y[:200])
+    st.add(X[200:], Y[200:])
+    mx, H, G, my = st.centred()
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)
+    np.testing.assert_allclose(H, Xc.T @ Xc, atol=1e-8)
+    np.testing.assert_allclose(G, Xc.T @ Yc, atol=1e-8)
+
+
+def test_output_aware_fit_beats_weight_space_on_outputs():
+    rng = np.random.default_rng(2)
+    N, C, k, d, m = 32, 16, 3, 8, 16
+    w = rng.standard_normal((N, C, k, k)).astype(np.float32)
+    mix = rng.standard_normal((C * k * k, C * k * k)) * 0.3 + np.eye(C * k * k)
+    X = rng.standard_normal((4000, C * k * k)) @ mix + 0.5  # correlated, not centred
+    Y = X @ w.reshape(N, -1).T
+    st = LayerStats.empty(C * k * k, N)
+    st.add(X, Y)
+    fit, bias = fit_output_aware(w, st, d, m)
+    plain = fit_binary_codebook(to_slices(w, d), m)
+
+    def out_err(f, b):
+        w_hat = from_slices(f.decode(), C, (k, k)).reshape(N, -1)
+        return np.linalg.norm(X @ w_hat.T + b - Y) / np.linalg.norm(Y - Y.mean(0))
+
+    assert out_err(fit, bias) < 0.8 * out_err(plain, 0.0)
+
+
+def test_compress_with_data_improves_outputs():
+    model = conv_model([{"in": 16, "out": 32, "pads": [1, 1, 1, 1]}, {"out": 32, "pads": [1, 1, 1, 1], "bias": False},
+                        {"out": 16, "k": 1}], hw=(10, 10))
+    rng = np.random.default_rng(3)
+    calib = {"input": np.abs(rng.standard_normal((96, 16, 10, 10))).astype(np.float32)}
+    test = {"input": np.abs(rng.standard_normal((32, 16, 10, 10))).astype(np.float32)}
+    ref = run_ort(model, test)[0]
+    cfg = CompressConfig(slice_dim=8)
+    plain = onnxstack.compress(model, cfg)
+    calibrated = onnxstack.compress(model, cfg, data=calib)
+    onnx.checker.check_model(calibrated.model, full_check=True)
+
+    def err(r):
+        return np.linalg.norm(run_ort(r.model, test)[0] - ref) / np.linalg.norm(ref)
+
+    assert err(calibrated) < 0.7 * err(plain)
+    layer1 = calibrated.report["layers"][1]
+    assert layer1["bits_by_part"]["bias"] == 32 * 32  # the bias-free layer now stores a corrected bias
+    names = {t.name for t in calibrated.model.graph.initializer}
+    assert "conv1.weight.bias" in names and "conv0.bias" not in names
