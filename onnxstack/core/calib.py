@@ -102,12 +102,12 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, r
     B = init.codebook.astype(np.float64)  # (m, D)
     best = None
     for _ in range(max(rounds, 1)):
-        idx, alpha, targets = _sequential_pass(Wstar, U, B, s, D)
+        idx, alpha, targets, metrics = _sequential_pass(Wstar, U, B, s, D)
         What = (B[idx] * alpha[:, :, None]).reshape(N, Kp)
         err = float(np.einsum("nk,kl,nl->", What - Wstar, Hp, What - Wstar))
         if best is None or err < best[0]:
             best = (err, B.copy(), idx, alpha)
-        B = _update_codebook(B, idx, alpha, targets)
+        B = _update_codebook(B, idx, alpha, targets, metrics)
     _, B, idx, alpha = best
     What = (B[idx] * alpha[:, :, None]).reshape(N, Kp)[:, :K]  # (N, K)
     if correct:
@@ -124,12 +124,16 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, r
 
 
 def _sequential_pass(Wstar, U, B, s, D):
-    """GPTQ-style pass over slice positions; returns indices (N, s), scales (N, s), targets (N, s, D)."""
+    """GPTQ-style pass over slice positions.
+
+    Returns indices (N, s), scales (N, s), targets (N, s, D) (the error-compensated values each slice
+    was fitted to) and metrics (s, D, D) (slice j's conditional metric M_j = Linv Linv^T)."""
     N = Wstar.shape[0]
     Wc = Wstar.copy()
     idx = np.zeros((N, s), np.int64)
     alpha = np.zeros((N, s))
     targets = np.zeros((N, s, D))
+    metrics = np.zeros((s, D, D))
     rows = np.arange(N)
     for j in range(s):  # sequential by construction; vectorised over filters and codewords
         jb = slice(j * D, (j + 1) * D)
@@ -145,12 +149,31 @@ def _sequential_pass(Wstar, U, B, s, D):
         E = Wc[:, jb] - a[:, None] * B[t]
         Wc[:, (j + 1) * D:] -= E @ Linv @ U[jb, (j + 1) * D:]
         idx[:, j], alpha[:, j] = t, a
-    return idx, alpha, targets
+        metrics[j] = Linv @ Linv.T
+    return idx, alpha, targets, metrics
 
 
-def _update_codebook(B, idx, alpha, targets):
-    """B_t = sign(sum alpha * target) over the slices that use it (unused codewords kept)."""
+def _update_codebook(B, idx, alpha, targets, metrics, sweeps=3):
+    """Each codeword minimises sum over its slices of (a B - T)^T M_j (a B - T) over B in {-1,+1}^D:
+    the quadratic B^T Q B - 2 r^T B with Q = sum a^2 M_j, r = sum a M_j T, by coordinate descent
+    from the current codeword (never worse than it). Unused codewords are kept."""
     m, D = B.shape
-    acc = np.zeros((m, D))
-    np.add.at(acc, idx.ravel(), (alpha[:, :, None] * targets).reshape(-1, D))
-    return np.where(acc > 0, 1.0, np.where(acc < 0, -1.0, B))
+    N, s = idx.shape
+    onehot = np.zeros((m, N * s))
+    onehot[idx.ravel(), np.arange(N * s)] = 1.0
+    w2 = (onehot * (alpha ** 2).ravel()).reshape(m, N, s).sum(1)  # (m, s)
+    Q = np.einsum("ms,sde->mde", w2, metrics)  # (m, D, D)
+    mt = np.einsum("sde,nse->nsd", metrics, targets) * alpha[:, :, None]  # (N, s, D): a M_j T
+    r = onehot @ mt.reshape(N * s, D)  # (m, D)
+    B = B.copy()
+    diag = np.einsum("mdd->md", Q)
+    for _ in range(sweeps):
+        changed = False
+        for k in range(D):  # coordinate k of every codeword at once
+            field = r[:, k] - (np.einsum("md,md->m", Q[:, k, :], B) - diag[:, k] * B[:, k])
+            new = np.where(field > 0, 1.0, np.where(field < 0, -1.0, B[:, k]))
+            changed |= bool(np.any(new != B[:, k]))
+            B[:, k] = new
+        if not changed:
+            break
+    return B

@@ -1,0 +1,103 @@
+"""Accuracy against size on the sample models: onnxstack (without data, calibrated) beside
+onnxruntime's per-channel int8 / int4 QDQ quantization and a binary-weight baseline.
+
+    python bench/accuracy.py [--models fashion_cnn mnist_cnn] [--calib 1000]
+
+Writes bench/results/accuracy.{json,md}. Test data: the 2,000-image files in sample_models/data;
+calibration: the 1,000 training images beside them (labels unused). conv_ratio counts every stored
+bit of the convolutions (codebooks, indices, scales, biases, layers left dense, QDQ scales/zero points).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+import onnxstack
+from common import (REPO, SAMPLES, binary_weight_baseline, conv_bits, environment, load_npz, ort_quantized,
+                    predict, write_results)
+
+# label, CompressConfig arguments, calibrate?
+ONNXSTACK_RUNS = [
+    ("onnxstack defaults (d=16), no data", {}, False),
+    ("onnxstack defaults (d=16), calibrated", {}, True),
+    ("onnxstack d=8, calibrated", {"slice_dim": 8}, True),
+    ("onnxstack d=4, calibrated", {"slice_dim": 4}, True),
+    ("onnxstack d=32, calibrated", {"slice_dim": 32}, True),
+]
+
+
+def measure(label, model, logits_ref, labels, base_bits, seconds=None, extra=None):
+    logits = predict(model, {"input": TEST["input"]})
+    row = {
+        "method": label,
+        "conv_ratio": base_bits / conv_bits(model),
+        "file_kb": model.ByteSize() / 1024,
+        "accuracy": float(np.mean(logits.argmax(1) == labels)),
+        "agreement": float(np.mean(logits.argmax(1) == logits_ref.argmax(1))),
+        "seconds": seconds,
+    }
+    row.update(extra or {})
+    return row
+
+
+def run_model(name, calib_n, tmp: Path):
+    global TEST
+    path, test_path, calib_path = SAMPLES[name]
+    model = onnx.load(REPO / path)
+    TEST, labels = load_npz(test_path)
+    calib, _ = load_npz(calib_path)
+    calib = {k: v[:calib_n] for k, v in calib.items()}
+    base_bits = conv_bits(model)
+    ref = predict(model, TEST)
+    rows = [measure("fp32 original", model, ref, labels, base_bits)]
+    for bits in (8, 4):
+        t = time.perf_counter()
+        q = ort_quantized(REPO / path, calib, bits, tmp / f"{name}.int{bits}.onnx")
+        rows.append(measure(f"onnxruntime int{bits} per-channel QDQ", q, ref, labels, base_bits, time.perf_counter() - t))
+    binm, binbits = binary_weight_baseline(model, onnxstack.CompressConfig())
+    row = measure("binary weights sign(W)*mean|W|", binm, ref, labels, base_bits)
+    row["conv_ratio"] = base_bits / binbits
+    rows.append(row)
+    for label, kwargs, calibrated in ONNXSTACK_RUNS:
+        t = time.perf_counter()
+        result = onnxstack.compress(model, onnxstack.CompressConfig(**kwargs), data=calib if calibrated else None)
+        rows.append(measure(label, result.model, ref, labels, base_bits, time.perf_counter() - t,
+                            {"report_conv_ratio": result.report["conv_ratio"]}))
+    for r in rows:
+        r["drop_points"] = 100 * (rows[0]["accuracy"] - r["accuracy"])
+    return rows
+
+
+def markdown(results) -> str:
+    lines = []
+    for name, rows in results.items():
+        lines += [f"**{name}** (2,000 test images; calibration: 1,000 training images, no labels)", "",
+                  "| method | conv ratio | file KB | top-1 % | drop (points) | agreement % |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['method']} | {r['conv_ratio']:.1f}x | {r['file_kb']:.0f} | {100 * r['accuracy']:.2f} | "
+                         f"{r['drop_points']:.2f} | {100 * r['agreement']:.2f} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=list(SAMPLES), choices=list(SAMPLES))
+    ap.add_argument("--calib", type=int, default=1000, help="calibration images")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {name: run_model(name, args.calib, Path(tmp)) for name in args.models}
+    md = markdown(results)
+    write_results("accuracy", {"environment": environment(), "results": results}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

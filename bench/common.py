@@ -1,0 +1,132 @@
+"""Shared pieces of the benchmark scripts: sample data, ORT baselines, honest conv bit counts."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+import onnxstack
+from onnxstack.api import open_session
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+SAMPLES = {
+    "fashion_cnn": ("sample_models/fashion_cnn.onnx", "sample_models/data/fashion_test.npz",
+                    "sample_models/data/fashion_calib.npz"),
+    "mnist_cnn": ("sample_models/mnist_cnn.onnx", "sample_models/data/mnist_test.npz",
+                  "sample_models/data/mnist_calib.npz"),
+}
+
+
+def load_npz(path):
+    with np.load(REPO / path) as z:
+        return {"input": z["input"].astype(np.float32)}, z["labels"].astype(np.int64)
+
+
+def predict(model, feeds, batch=500, threads=2):
+    sess = open_session(model, threads=threads)
+    name = sess.get_inputs()[0].name
+    x = feeds[name]
+    return np.concatenate([sess.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def bits_of(tensor: onnx.TensorProto) -> int:
+    """Stored bits of an initializer (4-bit types counted as 4 bits an element)."""
+    n = int(np.prod(tensor.dims)) if tensor.dims else 1
+    width = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
+    if width is None:
+        width = 8 * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return n * width
+
+
+def conv_bits(model: onnx.ModelProto) -> int:
+    """Bits of everything stored for the convolutions: the initializers that feed each Conv-like node's
+    weight and bias, directly or through DequantizeLinear; com.onnxstack nodes count all stored inputs."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    seen, total = set(), 0
+
+    def count(name):
+        nonlocal total
+        if name in seen or not name:
+            return
+        seen.add(name)
+        if name in inits:
+            total += bits_of(inits[name])
+        elif name in producers and producers[name].op_type == "DequantizeLinear":
+            for i in producers[name].input:
+                count(i)
+
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            for name in node.input[1:]:
+                count(name)
+        elif node.domain == onnxstack.op.DOMAIN:
+            for name in node.input[1:]:
+                count(name)
+    return total
+
+
+def ort_quantized(model_path: Path, calib: dict, weight_bits: int, out: Path) -> onnx.ModelProto:
+    """onnxruntime's own static QDQ quantization of the Convs, per-channel weights of 8 or 4 bits.
+    Activations are quantized to 16 bits so the baseline is about the weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            x = calib["input"]
+            self.it = iter([{"input": x[i:i + 50]} for i in range(0, len(x), 50)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    model = onnx.load(model_path)
+    if model.opset_import[0].version < 21:  # int4 and 16-bit QDQ need opset 21
+        model = onnx.version_converter.convert_version(model, 21)
+    src = out.with_suffix(".opset21.onnx")
+    onnx.save(model, src)
+    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
+                    activation_type=QuantType.QUInt16, op_types_to_quantize=["Conv"],
+                    extra_options={"WeightSymmetric": True})
+    return onnx.load(out)
+
+
+def binary_weight_baseline(model: onnx.ModelProto, config: onnxstack.CompressConfig):
+    """sign(W) * mean|W| per filter on the layers onnxstack compresses (32x on those weights).
+    Returns (model with the binarised float weights, conv bits as stored in 1-bit form)."""
+    from onnxstack.analyse import analyse
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    total = conv_bits(model)
+    for info in analyse(model, config):
+        if not info.eligible:
+            continue
+        w = numpy_helper.to_array(inits[info.weight_name])
+        alpha = np.abs(w).mean(axis=(1, 2, 3), keepdims=True)
+        inits[info.weight_name].CopyFrom(numpy_helper.from_array((np.sign(w) * alpha).astype(np.float32),
+                                                                 info.weight_name))
+        total -= 32 * w.size - (w.size + 32 * w.shape[0])
+    return out, total
+
+
+def environment() -> dict:
+    import onnxruntime
+
+    return {"python": platform.python_version(), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "numpy": np.__version__, "machine": platform.machine(), "processor": platform.processor(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_results(name: str, data: dict, markdown: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(markdown + "\n")

@@ -1,0 +1,78 @@
+"""`onnxstack evaluate ORIGINAL [COMPRESSED] --data D`: accuracy, agreement, layer SNR, sizes, latency."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from onnxstack.data import CHANNELS, LAYOUTS, ImageOptions, load_data
+from onnxstack.evaluate import evaluate as run_evaluation
+from onnxstack.evaluate import format_evaluation
+from onnxstack.io import check_output_path, write_bytes_atomic
+
+from .app import handle_errors
+
+
+def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
+    """'0.485,0.456,0.406' -> (0.485, 0.456, 0.406)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("original", type=click.Path(path_type=Path))
+@click.argument("compressed", type=click.Path(path_type=Path), required=False)
+@click.option("--data", "data_path", required=True, type=click.Path(path_type=Path),
+              help=".npz (one array per model input, optional 'labels') or a folder of images "
+                   "(flat, or one sub-folder per class).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the results as JSON.")
+@click.option("-b", "--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="Use a seeded random subset of N samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --limit subset.")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads [onnxruntime's default].")
+@click.option("--latency-runs", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Timed runs of one batch (0: none).")
+@click.option("--image-size", type=int, nargs=2, metavar="H W", help="Resize images to H x W [model input size].")
+@click.option("--channels", type=click.Choice(CHANNELS), default="auto", show_default=True, help="Image channels.")
+@click.option("--pixel-scale", type=float, default=1 / 255, show_default="1/255",
+              help="Pixel values are multiplied by it.")
+@click.option("--mean", callback=_floats, metavar="M[,M,M]", help="Subtracted after scaling, per channel [0].")
+@click.option("--std", callback=_floats, metavar="S[,S,S]", help="Divides after the mean, per channel [1].")
+@click.option("--layout", type=click.Choice(LAYOUTS), default="auto", show_default=True, help="Image tensor layout.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing JSON file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
+@handle_errors
+def evaluate(original, compressed, data_path, json_path, batch_size, limit, seed, threads, latency_runs, image_size,
+             channels, pixel_scale, mean, std, layout, overwrite, quiet):
+    """Run ORIGINAL (and COMPRESSED) on the data; compare accuracy, outputs, layer SNR, size and latency."""
+    options = ImageOptions(size=image_size or None, channels=channels, scale=pixel_scale,
+                           mean=mean or (0.0,), std=std or (1.0,), layout=layout)
+    if json_path is not None:
+        for source in (original, compressed, data_path):
+            check_output_path(json_path, overwrite=overwrite, source=source if source and source.exists() else None)
+    data = load_data(data_path, original, limit=limit, seed=seed, image_options=options)
+    with contextlib.ExitStack() as stack:
+        bar = []  # opened at the first batch, so that setup errors print alone
+
+        def progress(n: int) -> None:
+            if not bar:
+                bar.append(stack.enter_context(click.progressbar(
+                    length=len(data), label="evaluating", file=sys.stderr, hidden=quiet)))
+            bar[0].update(n)
+
+        result = run_evaluation(original, compressed, data, batch_size=batch_size, latency_runs=latency_runs,
+                                threads=threads, progress=progress)
+    if json_path is not None:
+        write_bytes_atomic(json.dumps(result, indent=2).encode(), json_path)
+    if not quiet:
+        click.echo(format_evaluation(result))
+        if json_path is not None:
+            click.echo(f"wrote {json_path}")
