@@ -14,9 +14,11 @@ import click
 
 import onnxstack
 from onnxstack.analyse import ConvInfo
-from onnxstack.errors import OnnxstackError, OutputError
+from onnxstack.errors import ConfigError, OnnxstackError, OutputError
 from onnxstack.io import check_output_path, write_bytes_atomic
 from onnxstack.report import format_table
+
+from .options import image_options, make_image_options
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -81,12 +83,20 @@ def default_output(model: Path) -> Path:
 @click.option("--skip", multiple=True, metavar="NODE", help="Conv node name to leave dense (repeatable).")
 @click.option("--iterations", type=int, default=20, show_default=True, help="Codebook fitting iterations.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--data", "data_path", type=click.Path(path_type=Path),
+              help="Calibration data (no labels needed): .npz or a folder of images. Fits each layer to keep "
+                   "the original outputs.")
+@click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Calibration samples (a seeded random subset).")
+@click.option("--target-ratio", type=float, help="With --data: choose d and m per layer to reach this conv ratio.")
+@image_options
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
 def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, execution, skip, iterations,
-             seed, report_path, overwrite, quiet):
+             seed, data_path, limit, target_ratio, image_size, channels, pixel_scale, mean, std, layout,
+             report_path, overwrite, quiet):
     """Compress every eligible Conv of MODEL."""
     config = onnxstack.CompressConfig(
         slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale,
@@ -98,7 +108,16 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         check_output_path(report_path, overwrite=overwrite, source=source)
         if report_path.resolve() == output.resolve():
             raise OutputError(f"{report_path}: report and model would be the same file")
-    result = onnxstack.compress(model, config, progress=None if quiet else _LazyBar("compressing"))
+    data = None
+    if data_path is not None:
+        from onnxstack.data import load_data
+
+        data = load_data(data_path, model, limit=limit, seed=seed,
+                         image_options=make_image_options(image_size, channels, pixel_scale, mean, std, layout))
+    elif target_ratio is not None:
+        raise ConfigError("--target-ratio needs calibration data: pass --data")
+    result = onnxstack.compress(model, config, data=data, target_ratio=target_ratio,
+                                progress=None if quiet else _LazyBar("compressing"))
     result.save(output, overwrite=overwrite)
     if report_path is not None:
         write_bytes_atomic(json.dumps(result.report, indent=2).encode(), report_path)

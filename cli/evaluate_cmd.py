@@ -9,22 +9,13 @@ from pathlib import Path
 
 import click
 
-from onnxstack.data import CHANNELS, LAYOUTS, ImageOptions, load_data
+from onnxstack.data import load_data
 from onnxstack.evaluate import evaluate as run_evaluation
 from onnxstack.evaluate import format_evaluation
 from onnxstack.io import check_output_path, write_bytes_atomic
 
 from .app import handle_errors
-
-
-def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
-    """'0.485,0.456,0.406' -> (0.485, 0.456, 0.406)."""
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+from .options import image_options, make_image_options
 
 
 @click.command("evaluate", context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,21 +31,14 @@ def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads [onnxruntime's default].")
 @click.option("--latency-runs", type=click.IntRange(min=0), default=20, show_default=True,
               help="Timed runs of one batch (0: none).")
-@click.option("--image-size", type=int, nargs=2, metavar="H W", help="Resize images to H x W [model input size].")
-@click.option("--channels", type=click.Choice(CHANNELS), default="auto", show_default=True, help="Image channels.")
-@click.option("--pixel-scale", type=float, default=1 / 255, show_default="1/255",
-              help="Pixel values are multiplied by it.")
-@click.option("--mean", callback=_floats, metavar="M[,M,M]", help="Subtracted after scaling, per channel [0].")
-@click.option("--std", callback=_floats, metavar="S[,S,S]", help="Divides after the mean, per channel [1].")
-@click.option("--layout", type=click.Choice(LAYOUTS), default="auto", show_default=True, help="Image tensor layout.")
+@image_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing JSON file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
 def evaluate(original, compressed, data_path, json_path, batch_size, limit, seed, threads, latency_runs, image_size,
              channels, pixel_scale, mean, std, layout, overwrite, quiet):
     """Run ORIGINAL (and COMPRESSED) on the data; compare accuracy, outputs, layer SNR, size and latency."""
-    options = ImageOptions(size=image_size or None, channels=channels, scale=pixel_scale,
-                           mean=mean or (0.0,), std=std or (1.0,), layout=layout)
+    options = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
     if json_path is not None:
         for source in (original, compressed, data_path):
             check_output_path(json_path, overwrite=overwrite, source=source if source and source.exists() else None)

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from . import __version__, op
 from .analyse import ConvInfo, analyse
-from .calibrate import calibrated_plans
+from .calibrate import calibrated_plans, choose_settings
 from .config import CompressConfig
 from .errors import ConfigError, ModelError, NothingToCompressError, OnnxstackError
 from .io import save_model_atomic
@@ -49,12 +49,15 @@ def inspect(model_or_path, config: CompressConfig | None = None) -> list[ConvInf
     return analyse(model, config or CompressConfig())
 
 
-def compress(model_or_path, config: CompressConfig | None = None, *, data=None,
+def compress(model_or_path, config: CompressConfig | None = None, *, data=None, target_ratio: float | None = None,
              progress: Callable[[int, int, str], None] | None = None) -> CompressResult:
     """Compress every eligible Conv of a model (a path or ModelProto); the input is never modified.
 
-    data: calibration inputs (a dict of arrays keyed by input name); with it every layer is fitted to
-    preserve the original model's outputs (see calibrate.py), without it to preserve its weights.
+    data: calibration inputs: a dict of arrays keyed by input name, an onnxstack.data.Dataset, or a
+    path for onnxstack.data.load_data (first 1,000 samples). With it every layer is fitted to preserve
+    the original model's outputs (see calibrate.py); without it, to preserve its weights.
+    target_ratio: with data, choose slice depth and codebook size per layer to reach this conv ratio
+    with the least output damage (see allocate.py); the choice overrides the config's d and m.
     progress(done, total, layer name) is called after each layer is planned.
     """
     config = config or CompressConfig()
@@ -65,14 +68,23 @@ def compress(model_or_path, config: CompressConfig | None = None, *, data=None,
     if default_opset(model) < op.MIN_OPSET:
         model = _upgrade_checked(model)
         infos = analyse(model, config)
+    feeds = _calibration_feeds(data, model, config.seed) if data is not None else None
+    targets, allocation = None, None
+    if target_ratio is not None:
+        if feeds is None:
+            raise ConfigError("a target ratio needs calibration data (--data)")
+        if not target_ratio > 1:
+            raise ConfigError(f"target ratio must be > 1, got {target_ratio}")
+        config, targets, allocation = choose_settings(model, infos, feeds, config, target_ratio)
+        infos = analyse(model, config)
     _check_codebook_sizes(infos, config)
     weights = {t.name: t for t in model.graph.initializer}
     plans: dict[tuple, LayerPlan] = {}
     total = sum(i.eligible for i in infos)
     counter = iter(range(1, total + 1))
     report_progress = (lambda name: progress(next(counter), total, name)) if progress else None
-    if data is not None:
-        by_node = calibrated_plans(model, infos, data, config, report_progress)
+    if feeds is not None:
+        by_node = calibrated_plans(model, infos, feeds, config, report_progress, targets)
     else:
         by_node = {}
         for info in infos:
@@ -96,6 +108,10 @@ def compress(model_or_path, config: CompressConfig | None = None, *, data=None,
     except Exception as e:  # noqa: BLE001 - a failure here is our bug, reported as such
         raise OnnxstackError(f"internal error: the rewritten model fails the ONNX checker: {e}") from None
     report = build_report(layers, original_bytes, out.ByteSize())
+    report["calibrated"] = feeds is not None
+    if allocation is not None:
+        report["target_ratio"] = target_ratio
+        report["allocation"] = allocation
     return CompressResult(out, report, config, path)
 
 
@@ -142,6 +158,18 @@ def _require_eligible(infos: list[ConvInfo]) -> None:
         raise NothingToCompressError("the model has no Conv node")
     reasons = sorted({i.reason for i in infos})
     raise NothingToCompressError(f"no eligible Conv among {len(infos)}: {'; '.join(reasons)[:300]}")
+
+
+def _calibration_feeds(data, model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
+    """Calibration arrays keyed by input name, checked against the model."""
+    from .data import Dataset, from_arrays, load_data
+
+    if isinstance(data, dict):
+        data = from_arrays(data, model)
+    elif not isinstance(data, Dataset):
+        data = load_data(data, model, limit=1000, seed=seed)
+    feeds, _ = data.arrays()
+    return feeds
 
 
 def _check_codebook_sizes(infos: list[ConvInfo], config: CompressConfig) -> None:

@@ -8,6 +8,7 @@ number of positions per image is kept (bounded memory). The math is in core/cali
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -19,6 +20,7 @@ from .config import CompressConfig
 from .core.calib import LayerStats, fit_output_aware, im2col_rows, output_size
 from .core.conv import resolve_pads
 from .core.fit import from_slices, relative_error, to_slices
+from .errors import ConfigError
 from .plan import LayerPlan, plan_layer
 
 BATCH = 64
@@ -56,16 +58,24 @@ def _geometry(info: ConvInfo, in_hw):
     return dict(kernel=(kh, kw), strides=strides, pads=pads, dilations=dil)
 
 
-def calibrated_plans(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],
-                     config: CompressConfig, progress: Callable[[str], None] | None = None) -> dict[int, LayerPlan]:
-    """node index -> LayerPlan for every eligible Conv, fitted on calibration data."""
+@dataclass
+class Targets:
+    """Per eligible layer: sampled output positions per batch, the original outputs there, and the
+    moments of the original inputs against them (for choosing settings)."""
+
+    positions: dict[int, list[np.ndarray]]
+    outputs: dict[int, list[np.ndarray]]
+    stats: dict[int, LayerStats]
+
+
+def original_targets(model: onnx.ModelProto, todo: list[ConvInfo], feeds: dict[str, np.ndarray],
+                     config: CompressConfig) -> Targets:
+    """One pass of the original model: each layer's outputs at sampled positions."""
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    todo = [i for i in infos if i.eligible]
     rng = np.random.default_rng(config.seed)
     inputs = [model.graph.node[i.node_index].input[0] for i in todo]
-    # 1. the original model's layer outputs at sampled positions
-    positions: dict[int, list[np.ndarray]] = {i.node_index: [] for i in todo}
-    targets: dict[int, list[np.ndarray]] = {i.node_index: [] for i in todo}
+    t = Targets({i.node_index: [] for i in todo}, {i.node_index: [] for i in todo},
+                {i.node_index: LayerStats.empty(int(np.prod(i.shape[1:])), i.shape[0]) for i in todo})
     for batch in _run(model, inputs, feeds):
         for info, name in zip(todo, inputs):
             x = batch[name]
@@ -75,9 +85,24 @@ def calibrated_plans(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[
             pos = np.argsort(rng.random((len(x), ho * wo)), axis=1)[:, :p]  # (B, p) distinct positions
             rows = im2col_rows(x, pos, **geo)
             w = weights[info.weight_name].reshape(info.shape[0], -1)
-            b = weights[info.bias_name] if info.bias_name else 0.0
-            positions[info.node_index].append(pos)
-            targets[info.node_index].append(rows @ w.T + b)
+            y = rows @ w.T + (weights[info.bias_name] if info.bias_name else 0.0)
+            t.positions[info.node_index].append(pos)
+            t.outputs[info.node_index].append(y)
+            if info.group == 1:
+                t.stats[info.node_index].add(rows, y)
+    return t
+
+
+def calibrated_plans(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],
+                     config: CompressConfig, progress: Callable[[str], None] | None = None,
+                     targets: Targets | None = None) -> dict[int, LayerPlan]:
+    """node index -> LayerPlan for every eligible Conv, fitted on calibration data."""
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    todo = [i for i in infos if i.eligible]
+    inputs = [model.graph.node[i.node_index].input[0] for i in todo]
+    # 1. the original model's layer outputs at sampled positions
+    targets = targets or original_targets(model, todo, feeds, config)
+    positions, outputs = targets.positions, targets.outputs
     # 2. layer by layer, on the inputs of the partly compressed model
     work = onnx.ModelProto()
     work.CopyFrom(model)
@@ -96,7 +121,7 @@ def calibrated_plans(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[
             for k, batch in enumerate(_run(work, [name], feeds)):
                 x = batch[name]
                 geo = _geometry(info, x.shape[2:])
-                stats.add(im2col_rows(x, positions[info.node_index][k], **geo), targets[info.node_index][k])
+                stats.add(im2col_rows(x, positions[info.node_index][k], **geo), outputs[info.node_index][k])
             base = plan_layer(info, w, config, fit=False)
             fit, bias = fit_output_aware(w, stats, base.slice_dim, base.codebook_size, damp=config.calibration_damp,
                                          iterations=config.iterations, seed=config.seed)
@@ -122,3 +147,40 @@ def _install(work: onnx.ModelProto, info: ConvInfo, plan: LayerPlan) -> None:
             node.input[2] = bname
         else:
             node.input.append(bname)
+
+
+def choose_settings(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],
+                    config: CompressConfig, target_ratio: float) -> tuple[CompressConfig, Targets, dict]:
+    """Per-layer (d, m) overrides reaching `target_ratio` on the convs with the least output damage.
+
+    Returns the config with overrides, the calibration targets (reused by the fit), and the choice
+    per layer with its damage for the report."""
+    from .allocate import allocate, layer_candidates, overrides_for
+    from .core import cost
+
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    todo = [i for i in infos if i.eligible]
+    targets = original_targets(model, todo, feeds, config)
+    fixed, total, cands, seen = 0, 0, {}, set()
+    for info in infos:
+        if info.weight_name in seen or not info.shape or len(info.shape) != 4:
+            continue
+        seen.add(info.weight_name)
+        dense = cost.dense_bits(*info.shape, info.bias_name is not None)
+        total += dense
+        if not info.eligible or info.group != 1:
+            fixed += dense
+            continue
+        bias = weights[info.bias_name] if info.bias_name else None
+        cands[info.name] = layer_candidates(info, weights[info.weight_name], bias,
+                                            targets.stats[info.node_index], config)
+    if not cands:
+        raise ConfigError("--target-ratio needs at least one eligible Conv with group=1")
+    budget = total / target_ratio - fixed
+    if budget <= 0:
+        raise ConfigError(f"target ratio {target_ratio:g} is out of reach: the layers left dense alone "
+                          f"take {fixed} of the {total / target_ratio:.0f} bits it allows")
+    choice = allocate(cands, budget)
+    table = {name: {"slice_dim": c.slice_dim, "codebook_size": c.codebook_size, "bits": c.bits,
+                    "damage": c.damage, "candidates": len(cands[name])} for name, c in choice.items()}
+    return overrides_for(choice, config), targets, table

@@ -1,0 +1,109 @@
+"""Choosing slice depth and codebook size per layer to reach a target ratio with the least damage.
+
+Each eligible layer is fitted on calibration data under a grid of (d, m) candidates; a candidate's
+damage is its relative output error on the original inputs,
+
+    damage = || X (W_hat - W) + (b_hat - b) ||^2 / || X W - mean ||^2     (sampled positions),
+
+and its cost the bits it stores. The allocation minimises the summed damage under the bit budget that
+the target conv ratio leaves, by Lagrangian relaxation: each layer takes argmin damage + lambda * bits,
+and lambda is bisected until the budget holds. Layers differ a lot in how much they tolerate, so the
+bits go where they buy the most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .analyse import ConvInfo
+from .config import CompressConfig, LayerOverride
+from .core import cost
+from .core.calib import LayerStats, fit_output_aware
+from .core.fit import from_slices
+from .errors import ConfigError
+
+SLICE_DIMS = (4, 8, 16, 32, 64)
+MAX_M = 1024
+
+
+@dataclass(frozen=True)
+class Candidate:
+    slice_dim: int
+    codebook_size: int
+    bits: int
+    damage: float
+
+
+def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, int]]:
+    """(d, m) pairs worth trying for one layer: d up to its channels, m powers of two up to its slices / 2."""
+    n, cg = info.shape[:2]
+    pairs = []
+    for d in SLICE_DIMS:
+        if d > cg:
+            continue
+        slices = n * -(-cg // d)
+        m = 8
+        while m <= min(MAX_M, max(8, slices // 2)) and m <= slices:
+            pairs.append((d, m))
+            m *= 4 if m < 64 else 2
+    return pairs
+
+
+def damage(weight: np.ndarray, bias: np.ndarray | None, fit, new_bias: np.ndarray, stats: LayerStats) -> float:
+    """Relative output error of a fitted layer, from the centred calibration moments."""
+    n, cg, kh, kw = weight.shape
+    mx, H, G, my = stats.centred()
+    w = weight.reshape(n, -1).astype(np.float64)
+    w_hat = from_slices(fit.decode(), cg, (kh, kw)).reshape(n, -1).astype(np.float64)
+    diff = w_hat - w
+    centred = float(np.einsum("nk,kl,nl->", diff, H, diff)) / stats.n
+    b = bias if bias is not None else 0.0
+    offset = float(np.sum((w_hat @ mx + new_bias - (w @ mx + b)) ** 2))
+    signal = float(np.einsum("nk,kl,nl->", w, H, w)) / stats.n
+    return (centred + offset) / max(signal, 1e-30)
+
+
+def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,
+                     config: CompressConfig) -> list[Candidate]:
+    out = []
+    n, cg, kh, kw = weight.shape
+    for d, m in candidate_grid(info, config):
+        fit, new_bias = fit_output_aware(weight, stats, d, m, damp=config.calibration_damp,
+                                         iterations=config.iterations, seed=config.seed, rounds=2)
+        bits = cost.compressed_bits(n, -(-cg // d), d, kh, kw, m, "slice", True)["total"]
+        out.append(Candidate(d, m, bits, damage(weight, bias, fit, new_bias, stats)))
+    return out
+
+
+def allocate(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict[str, Candidate]:
+    """The choice per layer that minimises summed damage within the bit budget."""
+    def pick(lam):
+        return {k: min(c, key=lambda x: (x.damage + lam * x.bits, x.bits)) for k, c in candidates.items()}
+
+    cheapest = sum(min(x.bits for x in c) for c in candidates.values())
+    if cheapest > budget_bits:
+        raise ConfigError(f"the target ratio needs {budget_bits:.0f} bits for the compressed layers, but their "
+                          f"smallest settings take {cheapest}; lower the target")
+    lo, hi = 0.0, 1.0
+    while sum(x.bits for x in pick(hi).values()) > budget_bits:
+        hi *= 4
+    if sum(x.bits for x in pick(lo).values()) <= budget_bits:
+        return pick(lo)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(x.bits for x in pick(mid).values()) > budget_bits else (lo, mid)
+    return pick(hi)
+
+
+def overrides_for(choice: dict[str, Candidate], config: CompressConfig) -> CompressConfig:
+    """The config with the chosen (d, m) of every layer as per-layer overrides."""
+    ov = dict(config.overrides)
+    for name, c in choice.items():
+        old = ov.get(name, LayerOverride())
+        ov[name] = LayerOverride(slice_dim=c.slice_dim, codebook_size=c.codebook_size, execution=old.execution,
+                                 skip=old.skip)
+    from dataclasses import replace
+
+    return replace(config, overrides=ov)
