@@ -78,6 +78,8 @@ def default_output(model: Path) -> Path:
 @click.option("--max-codebook-size", type=int, default=256, show_default=True, help="Cap of the automatic codebook size.")
 @click.option("--scale", type=click.Choice(["slice", "filter"]), default="slice", show_default=True,
               help="One float16 scale per slice or per filter.")
+@click.option("-k", "--terms", type=int, default=1, show_default=True,
+              help="Codewords stacked per slice (1: the paper's form; 2 halves the error for 2x index bits).")
 @click.option("--execution", type=click.Choice(["auto", "dense", "stacked"]), default="auto", show_default=True,
               help="How compressed layers run: cost model, decode+Conv, or binary Conv+sparse merge.")
 @click.option("--skip", multiple=True, metavar="NODE", help="Conv node name to leave dense (repeatable).")
@@ -94,12 +96,12 @@ def default_output(model: Path) -> Path:
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
-def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, execution, skip, iterations,
+def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, terms, execution, skip, iterations,
              seed, data_path, limit, target_ratio, image_size, channels, pixel_scale, mean, std, layout,
              report_path, overwrite, quiet):
     """Compress every eligible Conv of MODEL."""
     config = onnxstack.CompressConfig(
-        slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale,
+        slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale, terms=terms,
         execution=execution, skip=tuple(skip), iterations=iterations, seed=seed)
     output = output or default_output(model)
     source = model if model.exists() else None

@@ -30,14 +30,22 @@ MAX_M = 1024
 
 @dataclass(frozen=True)
 class Candidate:
+    """One way to store a layer; slice_dim 0 means: keep it dense."""
+
     slice_dim: int
     codebook_size: int
+    terms: int
     bits: int
     damage: float
 
+    @property
+    def dense(self) -> bool:
+        return self.slice_dim == 0
 
-def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, int]]:
-    """(d, m) pairs worth trying for one layer: d up to its channels, m powers of two up to its slices / 2."""
+
+def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, int, int]]:
+    """(d, m, k) worth trying for one layer: d up to its channels, m powers of two up to its slices / 2,
+    k = 1 or 2 terms."""
     n, cg = info.shape[:2]
     pairs = []
     for d in SLICE_DIMS:
@@ -46,7 +54,7 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
         slices = n * -(-cg // d)
         m = 8
         while m <= min(MAX_M, max(8, slices // 2)) and m <= slices:
-            pairs.append((d, m))
+            pairs += [(d, m, 1), (d, m, 2)]
             m *= 4 if m < 64 else 2
     return pairs
 
@@ -69,11 +77,12 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
                      config: CompressConfig) -> list[Candidate]:
     out = []
     n, cg, kh, kw = weight.shape
-    for d, m in candidate_grid(info, config):
-        fit, new_bias = fit_output_aware(weight, stats, d, m, damp=config.calibration_damp,
+    for d, m, k in candidate_grid(info, config):
+        fit, new_bias = fit_output_aware(weight, stats, d, m, terms=k, damp=config.calibration_damp,
                                          iterations=config.iterations, seed=config.seed, rounds=2)
-        bits = cost.compressed_bits(n, -(-cg // d), d, kh, kw, m, "slice", True)["total"]
-        out.append(Candidate(d, m, bits, damage(weight, bias, fit, new_bias, stats)))
+        bits = cost.compressed_bits(n, -(-cg // d), d, kh, kw, m, "slice", True, k)["total"]
+        out.append(Candidate(d, m, k, bits, damage(weight, bias, fit, new_bias, stats)))
+    out.append(Candidate(0, 0, 0, cost.dense_bits(n, cg, kh, kw, bias is not None), 0.0))
     return out
 
 
@@ -102,8 +111,11 @@ def overrides_for(choice: dict[str, Candidate], config: CompressConfig) -> Compr
     ov = dict(config.overrides)
     for name, c in choice.items():
         old = ov.get(name, LayerOverride())
-        ov[name] = LayerOverride(slice_dim=c.slice_dim, codebook_size=c.codebook_size, execution=old.execution,
-                                 skip=old.skip)
+        if c.dense:
+            ov[name] = LayerOverride(skip=True, reason="kept dense by the target-ratio allocation")
+        else:
+            ov[name] = LayerOverride(slice_dim=c.slice_dim, codebook_size=c.codebook_size, terms=c.terms,
+                                     execution=old.execution, skip=old.skip, reason=old.reason)
     from dataclasses import replace
 
     return replace(config, overrides=ov)

@@ -70,7 +70,7 @@ def _reason(name, weight, tensor, bias, consts, group, config) -> str | None:
     settings = config.for_layer(name)
     d = settings.slice_dim
     if settings.skip:
-        return "excluded by the user"
+        return settings.skip_reason
     if tensor is None:
         return f"weight '{weight}' is not a constant initializer"
     if tensor.data_type != onnx.TensorProto.FLOAT:

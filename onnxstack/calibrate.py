@@ -123,8 +123,8 @@ def calibrated_plans(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[
                 geo = _geometry(info, x.shape[2:])
                 stats.add(im2col_rows(x, positions[info.node_index][k], **geo), outputs[info.node_index][k])
             base = plan_layer(info, w, config, fit=False)
-            fit, bias = fit_output_aware(w, stats, base.slice_dim, base.codebook_size, damp=config.calibration_damp,
-                                         iterations=config.iterations, seed=config.seed)
+            fit, bias = fit_output_aware(w, stats, base.slice_dim, base.codebook_size, terms=base.terms,
+                                         damp=config.calibration_damp, iterations=config.iterations, seed=config.seed)
             plan = base.with_fit(fit, relative_error(to_slices(w, base.slice_dim), fit), bias)
         done[key] = plans[info.node_index] = plan
         _install(work, info, plan)
@@ -181,6 +181,8 @@ def choose_settings(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[s
         raise ConfigError(f"target ratio {target_ratio:g} is out of reach: the layers left dense alone "
                           f"take {fixed} of the {total / target_ratio:.0f} bits it allows")
     choice = allocate(cands, budget)
-    table = {name: {"slice_dim": c.slice_dim, "codebook_size": c.codebook_size, "bits": c.bits,
-                    "damage": c.damage, "candidates": len(cands[name])} for name, c in choice.items()}
+    table = {name: {"slice_dim": c.slice_dim or None, "codebook_size": c.codebook_size or None,
+                    "terms": c.terms or None, "dense": c.dense,
+                    "bits": c.bits, "damage": c.damage, "candidates": len(cands[name])}
+             for name, c in choice.items()}
     return overrides_for(choice, config), targets, table

@@ -26,7 +26,9 @@ class LayerOverride:
     slice_dim: int | None = None
     codebook_size: int | None = None
     execution: str | None = None
+    terms: int | None = None
     skip: bool = False
+    reason: str | None = None  # why the layer is skipped, when not the user's choice
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class CompressConfig:
     codebook_size: m, binary codewords shared by one layer's slices; None picks
         min(max_codebook_size, the largest power of two <= slices / slices_per_codeword).
     scale: "slice" (one float16 scale per slice) or "filter" (one per output filter).
+    terms: k, codewords stacked per slice (1 is the paper's form; 2 cuts the error at twice the
+        index and scale bits).
     execution: "auto" (cost model), "dense" (decode, then Conv) or "stacked"
         (binary Conv over channel groups, then a sparse 1x1 merge).
     iterations: alternating assign / scale / update steps of the codebook fit.
@@ -51,6 +55,7 @@ class CompressConfig:
     max_codebook_size: int = 256
     slices_per_codeword: int = 4
     scale: str = "slice"
+    terms: int = 1
     execution: str = "auto"
     iterations: int = 20
     seed: int = 0
@@ -68,6 +73,8 @@ class CompressConfig:
         _check_codebook_size(self.max_codebook_size, "max_codebook_size")
         if self.slices_per_codeword < 1:
             raise ConfigError(f"slices_per_codeword must be >= 1, got {self.slices_per_codeword}")
+        if not isinstance(self.terms, int) or not 1 <= self.terms <= 4:
+            raise ConfigError(f"terms must be an integer in [1, 4], got {self.terms!r}")
         if self.scale not in SCALE_MODES:
             raise ConfigError(f"scale must be one of {SCALE_MODES}, got {self.scale!r}")
         _check_execution(self.execution, "execution")
@@ -84,6 +91,8 @@ class CompressConfig:
                 _check_slice_dim(ov.slice_dim, f"slice_dim of {name!r}")
             if ov.codebook_size is not None:
                 _check_codebook_size(ov.codebook_size, f"codebook_size of {name!r}")
+            if ov.terms is not None and not (isinstance(ov.terms, int) and 1 <= ov.terms <= 4):
+                raise ConfigError(f"terms of {name!r} must be an integer in [1, 4], got {ov.terms!r}")
             if ov.execution is not None:
                 _check_execution(ov.execution, f"execution of {name!r}")
 
@@ -94,7 +103,9 @@ class CompressConfig:
             slice_dim=ov.slice_dim or self.slice_dim,
             codebook_size=ov.codebook_size or self.codebook_size,
             execution=ov.execution or self.execution,
+            terms=ov.terms or self.terms,
             skip=ov.skip or name in self.skip,
+            skip_reason=ov.reason if ov.skip and ov.reason else "excluded by the user",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +138,8 @@ class LayerSettings:
     codebook_size: int | None
     execution: str
     skip: bool
+    terms: int = 1
+    skip_reason: str = "excluded by the user"
 
 
 def _check_slice_dim(v: int, what: str) -> None:

@@ -1,12 +1,13 @@
 """The StackedBinaryConv custom op, defined once, with its implementations.
 
-    Y = Conv(X, W_hat, B)  with  W_hat[i, j*d:(j+1)*d] = scales[i, j] * codeword[indices[i, j]]
+    Y = Conv(X, W_hat, B)  with  W_hat[i, j*d:(j+1)*d] = sum_q scales[i, j, q] * codeword[indices[i, j, q]]
 
 Inputs
     X         float32 (B, C, H, W)
     codebook  uint8 (ceil(m/8), d, kh, kw)  packed +-1 codewords (layout: core.bits)
-    indices   uint8 / uint16 (N, s)          codeword of each filter slice, s = ceil(channels/d)
-    scales    float16 (N, s) or (N, 1)        per-slice or per-filter scale (sign included)
+    indices   uint8 / uint16 (N, s[, k])     codewords of each filter slice, s = ceil(channels/d); k stacked
+                                             terms a slice (rank 2: k = 1, the paper's form)
+    scales    float16 (N, s|1[, k])           per-slice or per-filter scale of each term (sign included)
     B         float32 (N,), optional          bias
 Attributes
     channels  int, required: input channels of the weight (C / group); slices past it are padding
@@ -49,18 +50,22 @@ MIN_OPSET = 12  # Constant(value_int) reads the `channels` attribute
 
 def decode_weight(codebook: np.ndarray, indices: np.ndarray, scales: np.ndarray, channels: int) -> np.ndarray:
     """(N, channels, kh, kw) float32 weight from the stored tensors."""
-    if indices.ndim != 2 or scales.ndim != 2 or scales.shape[0] != indices.shape[0]:
-        raise ValueError(f"indices.shape={indices.shape}, scales.shape={scales.shape} must be (N, s) and (N, s|1)")
-    if scales.shape[1] not in (1, indices.shape[1]):
-        raise ValueError(f"scales.shape={scales.shape} must be (N, 1) or (N, {indices.shape[1]})")
+    if indices.ndim not in (2, 3) or scales.ndim != indices.ndim or scales.shape[0] != indices.shape[0]:
+        raise ValueError(f"indices.shape={indices.shape}, scales.shape={scales.shape} must be (N, s[, k]) "
+                         "and (N, s|1[, k])")
+    idx = indices.reshape(*indices.shape[:2], -1)  # (N, s, k)
+    sc = scales.reshape(*scales.shape[:2], -1).astype(np.float32)  # (N, s|1, k)
+    if sc.shape[1] not in (1, idx.shape[1]) or sc.shape[2] != idx.shape[2]:
+        raise ValueError(f"scales.shape={scales.shape} does not fit indices.shape={indices.shape}")
     books = unpack_codebook(codebook)  # (M', d, kh, kw)
-    if indices.size and int(indices.max()) >= len(books):
-        raise ValueError(f"index {int(indices.max())} out of range for {len(books)} codewords")
-    N, s = indices.shape
+    if idx.size and int(idx.max()) >= len(books):
+        raise ValueError(f"index {int(idx.max())} out of range for {len(books)} codewords")
+    N, s, _ = idx.shape
     d = books.shape[1]
     if not (s - 1) * d < channels <= s * d:
         raise ValueError(f"channels={channels} does not match s={s} slices of depth d={d}")
-    w = books[indices.astype(np.int64)] * scales.astype(np.float32)[:, :, None, None, None]  # (N, s, d, kh, kw)
+    w = np.einsum("nsq,nsqd->nsd", np.broadcast_to(sc, idx.shape),
+                  books[idx.astype(np.int64)].reshape(N, s, idx.shape[2], -1))  # (N, s, d*kh*kw)
     return w.reshape(N, s * d, *books.shape[2:])[:, :channels]
 
 
@@ -169,13 +174,19 @@ def _channels(b: _Body) -> str:
     return b.op("Reshape", ["channels_scalar", b.const([1])])
 
 
+def _terms(b: _Body):
+    """indices as int64 (N, s, k) and scales as float (N, s|1, 1, k), for rank-2 and rank-3 inputs."""
+    idx = b.op("Reshape", [b.op("Cast", ["indices"], to=TensorProto.INT64), b.const([0, 0, -1])])
+    sc = b.op("Reshape", [b.op("Cast", ["scales"], to=TensorProto.FLOAT), b.const([0, 0, 1, -1])])
+    return idx, sc
+
+
 def _dense(b: _Body, W4: str) -> None:
-    idx = b.op("Cast", ["indices"], to=TensorProto.INT64)
-    picked = b.op("Gather", [W4, idx], axis=0)  # (N, s, d, kh, kw)
-    sc = b.op("Reshape", [b.op("Cast", ["scales"], to=TensorProto.FLOAT), b.const([0, 0, 1, 1, 1])])
-    scaled = b.op("Mul", [picked, sc])
+    idx, sc = _terms(b)
+    picked = b.op("Reshape", [b.op("Gather", [W4, idx], axis=0), b.const([0, 0, 0, -1])])  # (N, s, k, D)
+    summed = b.op("MatMul", [sc, picked])  # (N, s, 1, D): the scaled sum of the terms
     kernel = b.part(b.op("Shape", [W4]), 2, 4)
-    padded = b.op("Reshape", [scaled, b.op("Concat", [b.const([0, -1]), kernel], axis=0)])  # (N, s*d, kh, kw)
+    padded = b.op("Reshape", [summed, b.op("Concat", [b.const([0, -1]), kernel], axis=0)])  # (N, s*d, kh, kw)
     weight = b.op("Slice", [padded, b.const([0]), _channels(b), b.const([1])])
     b.ref("Conv", ["X", weight, "B"], list(CONV_ATTRS), out="Y")
 
@@ -184,7 +195,7 @@ def _stacked(b: _Body, W4: str) -> None:
     x_shape = b.op("Shape", ["X"])
     w_shape = b.op("Shape", [W4])
     idx_shape = b.op("Shape", ["indices"])
-    n_out, s = b.part(idx_shape, 0, 1), b.part(idx_shape, 1, 2)
+    s = b.part(idx_shape, 1, 2)
     d, m = b.part(w_shape, 1, 2), b.part(w_shape, 0, 1)
     # X (B, C, H, W) -> zero-pad C to s*d -> (B*s, d, H, W); one Conv with the codebook
     pad_c = b.op("Sub", [b.op("Mul", [s, d]), _channels(b)])
@@ -194,12 +205,8 @@ def _stacked(b: _Body, W4: str) -> None:
     maps = b.ref("Conv", [xg, W4], ["auto_pad", "dilations", "kernel_shape", "pads", "strides"])
     maps = b.op("Reshape", [maps, b.op("Concat", [b.part(x_shape, 0, 1), b.const([-1]),
                                                    b.part(b.op("Shape", [maps]), 2, 4)], axis=0)])
-    # merge: (N, s*M') matrix with scales[i, j] at column j*M' + indices[i, j]
-    s_scalar = b.op("Reshape", [s, b.const([], np.int64)])
-    offsets = b.op("Mul", [b.op("Range", [b.const(0), s_scalar, b.const(1)]), m])  # (s,)
-    cols = b.op("Add", [b.op("Cast", ["indices"], to=TensorProto.INT64), offsets])  # (N, s)
-    alpha = b.op("Expand", [b.op("Cast", ["scales"], to=TensorProto.FLOAT), idx_shape])
-    zeros = b.op("ConstantOfShape", [b.op("Concat", [n_out, b.op("Mul", [s, m])], axis=0)])
-    merge = b.op("ScatterElements", [zeros, cols, alpha], axis=1)
-    merge = b.op("Reshape", [merge, b.const([0, 0, 1, 1])])
+    # merge: (N, s*M') matrix, row i holds sum_q scales[i, j, q] at column j*M' + indices[i, j, q]
+    idx, sc = _terms(b)
+    onehot = b.op("OneHot", [idx, m, b.const([0.0, 1.0], np.float32)], axis=-1)  # (N, s, k, M')
+    merge = b.op("Reshape", [b.op("MatMul", [sc, onehot]), b.const([0, -1, 1, 1])])  # (N, s*M', 1, 1)
     b.op("Conv", [maps, merge, "B"], out="Y")

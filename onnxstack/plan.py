@@ -46,10 +46,14 @@ class LayerPlan:
     def slices(self) -> int:
         return self.fit.indices.shape[1]
 
+    @property
+    def terms(self) -> int:
+        return self.fit.terms
+
     def bits(self) -> dict[str, int]:
         n, _, kh, kw = self.shape
         return cost.compressed_bits(n, self.slices, self.slice_dim, kh, kw, self.codebook_size,
-                                    self.scale, self.stores_bias)
+                                    self.scale, self.stores_bias, self.terms)
 
     def original_bits(self) -> int:
         n, cg, kh, kw = self.shape
@@ -82,10 +86,12 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig, *, fi
         raise ConfigError(f"codebook size m={m} exceeds the {n_slices} slices of layer '{info.name}' "
                           f"(weight {list(weight.shape)}, d={d}); use m <= {n_slices} or skip the layer")
     if fit:
-        result = fit_binary_codebook(slices, m, scale=config.scale, iterations=config.iterations, seed=config.seed)
+        result = fit_binary_codebook(slices, m, scale=config.scale, iterations=config.iterations, seed=config.seed,
+                                     terms=settings.terms)
     else:
-        result = BinaryFit(np.ones((m, slices.shape[2]), np.int8), np.zeros(slices.shape[:2], np.int64),
-                           np.zeros((n_out, slices.shape[1]), np.float32))
+        k = settings.terms
+        result = BinaryFit(np.ones((m, slices.shape[2]), np.int8), np.zeros((*slices.shape[:2], k), np.int64),
+                           np.zeros((n_out, slices.shape[1], k), np.float32))
     form, note = settings.execution, None
     if form == "stacked" and info.group != 1:
         form, note = "dense", f"stacked form needs group=1 (group={info.group}); dense used"

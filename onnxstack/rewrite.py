@@ -40,12 +40,17 @@ def plan_tensors(plan: LayerPlan) -> dict[str, object]:
     _, _, kh, kw = plan.shape
     out = {
         "codebook": pack_codebook(plan.fit.codebook, (plan.slice_dim, kh, kw)),
-        "indices": plan.fit.indices.astype(index_dtype(plan.codebook_size)),
-        "scales": plan.fit.scales.astype("float16"),
+        "indices": _squeeze(plan.fit.indices).astype(index_dtype(plan.codebook_size)),
+        "scales": _squeeze(plan.fit.scales).astype("float16"),
     }
     if plan.bias is not None:
         out["bias"] = plan.bias.astype("float32")
     return out
+
+
+def _squeeze(a):
+    """(N, s, 1) -> (N, s): one term a slice is stored in the paper's rank-2 form."""
+    return a[:, :, 0] if a.shape[2] == 1 else a
 
 
 def tensor_names(plan: LayerPlan) -> dict[str, str]:

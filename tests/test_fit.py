@@ -21,7 +21,7 @@ def test_recovers_planted_codebook(scale):
     fit = fit_binary_codebook(slices, 12, scale=scale, iterations=50, seed=0)
     assert relative_error(slices, fit) < 2e-3  # float16 scale rounding only
     # the same partition of slices, up to a relabelling and sign of codewords
-    decoded = fit.codebook[fit.indices]
+    decoded = fit.codebook[fit.indices[:, :, 0]]
     np.testing.assert_array_equal(np.abs(np.einsum("nsd,nsd->ns", decoded, book[idx])), 36)
 
 
@@ -66,3 +66,16 @@ def test_scales_fit_float16():
     slices = np.full((4, 2, 9), 1e6, np.float32)
     fit = fit_binary_codebook(slices, 2)
     assert np.all(np.isfinite(fit.scales.astype(np.float16)))
+
+
+@pytest.mark.parametrize("scale", ["slice", "filter"])
+def test_stacked_terms_cut_the_error(scale):
+    rng = np.random.default_rng(5)
+    slices = rng.standard_normal((64, 4, 36)).astype(np.float32)
+    errs = []
+    for k in (1, 2, 3):
+        fit = fit_binary_codebook(slices, 32, scale=scale, terms=k)
+        assert fit.indices.shape == (64, 4, k)
+        assert fit.scales.shape == ((64, 4, k) if scale == "slice" else (64, 1, k))
+        errs.append(relative_error(slices, fit))
+    assert errs[0] > errs[1] > errs[2]

@@ -18,7 +18,8 @@ from onnxstack.core.conv import conv2d
 from .models import run_ort
 
 
-def op_model(N, C, k, d, m, *, form, opset=17, bias=True, per_filter=False, hw=(9, 11), seed=0, **attrs):
+def op_model(N, C, k, d, m, *, form, opset=17, bias=True, per_filter=False, terms=None, hw=(9, 11), seed=0,
+             **attrs):
     """One StackedBinaryConv with random stored tensors; returns (model, stored tensors)."""
     rng = np.random.default_rng(seed)
     kh, kw = (k, k) if isinstance(k, int) else k
@@ -26,10 +27,11 @@ def op_model(N, C, k, d, m, *, form, opset=17, bias=True, per_filter=False, hw=(
     cg = C // group
     s = -(-cg // d)
     book = np.where(rng.standard_normal((m, d * kh * kw)) > 0, 1, -1)
+    extra = (terms,) if terms else ()  # terms=None: rank-2 (one codeword a slice)
     t = {
         "codebook": pack_codebook(book, (d, kh, kw)),
-        "indices": rng.integers(0, m, (N, s)).astype(index_dtype(m)),
-        "scales": rng.standard_normal((N, 1 if per_filter else s)).astype(np.float16),
+        "indices": rng.integers(0, m, (N, s, *extra)).astype(index_dtype(m)),
+        "scales": rng.standard_normal((N, 1 if per_filter else s, *extra)).astype(np.float16),
     }
     if bias:
         t["bias"] = rng.standard_normal(N).astype(np.float32)
@@ -53,6 +55,9 @@ CASES = [
     dict(N=4, C=9, k=5, d=9, m=3, auto_pad="SAME_LOWER", strides=[2, 2]),
     dict(N=8, C=8, k=2, d=2, m=16, auto_pad="VALID", bias=False),
     dict(N=12, C=6, k=3, d=1, m=11, per_filter=True, pads=[1, 1, 1, 1]),
+    dict(N=8, C=10, k=3, d=4, m=6, terms=2, pads=[1, 1, 1, 1]),
+    dict(N=6, C=16, k=1, d=8, m=300, terms=3, per_filter=True),
+    dict(N=5, C=9, k=3, d=3, m=4, terms=1, strides=[2, 2]),
 ]
 
 

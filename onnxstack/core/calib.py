@@ -81,7 +81,7 @@ class LayerStats:
         return mx, H, G, my
 
 
-def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, rounds: int = 3,
+def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, terms: int = 1, rounds: int = 3,
                      damp: float = 0.01, iterations: int = 20, seed: int = 0, correct: bool = True
                      ) -> tuple[BinaryFit, np.ndarray]:
     """Per-slice-scale fit of weight (N, Cg, kh, kw) under the output metric; returns (fit, new bias (N,))."""
@@ -97,41 +97,46 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, r
     Gp[:K] = G
     Wstar = np.linalg.solve(Hp, Gp).T  # (N, Kp) least-squares weight for the current inputs
     U = np.linalg.cholesky(np.linalg.inv(Hp)).T  # upper, H^-1 = U^T U
-    init = fit_binary_codebook(to_slices(Wstar.reshape(N, s * d, kh, kw).astype(np.float32), d)[:, :, :],
-                               m, iterations=iterations, seed=seed)
+    init = fit_binary_codebook(to_slices(Wstar.reshape(N, s * d, kh, kw).astype(np.float32), d), m,
+                               iterations=iterations, seed=seed, terms=terms)
     B = init.codebook.astype(np.float64)  # (m, D)
     best = None
     for _ in range(max(rounds, 1)):
-        idx, alpha, targets, metrics = _sequential_pass(Wstar, U, B, s, D)
-        What = (B[idx] * alpha[:, :, None]).reshape(N, Kp)
+        idx, alpha, targets, metrics = _sequential_pass(Wstar, U, B, s, D, terms)
+        What = _decode(B, idx, alpha).reshape(N, Kp)
         err = float(np.einsum("nk,kl,nl->", What - Wstar, Hp, What - Wstar))
         if best is None or err < best[0]:
             best = (err, B.copy(), idx, alpha)
         B = _update_codebook(B, idx, alpha, targets, metrics)
     _, B, idx, alpha = best
-    What = (B[idx] * alpha[:, :, None]).reshape(N, Kp)[:, :K]  # (N, K)
     if correct:
         # per-channel least-squares gain: min_g || g Xc w_i - Yc_i ||^2, folded into the scales
+        What = _decode(B, idx, alpha).reshape(N, Kp)[:, :K]
         num = np.einsum("nk,kn->n", What, G)
         den = np.einsum("nk,kl,nl->n", What, H, What)
         gain = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
-        alpha = alpha * gain[:, None]
+        alpha = alpha * gain[:, None, None]
     alpha = _to_float16_range(alpha)
-    What = (B[idx] * alpha[:, :, None]).reshape(N, Kp)[:, :K]
+    What = _decode(B, idx, alpha).reshape(N, Kp)[:, :K]
     bias = my - What @ mx  # exact for the centred objective
     fit = BinaryFit(codebook=B.astype(np.int8), indices=idx.astype(np.int64), scales=alpha.astype(np.float32))
     return fit, bias.astype(np.float32)
 
 
-def _sequential_pass(Wstar, U, B, s, D):
+def _decode(B, idx, alpha):
+    """(N, s, D): sum_q alpha[..., q] * B[idx[..., q]]."""
+    return np.einsum("nsq,nsqd->nsd", alpha, B[idx])
+
+
+def _sequential_pass(Wstar, U, B, s, D, terms):
     """GPTQ-style pass over slice positions.
 
-    Returns indices (N, s), scales (N, s), targets (N, s, D) (the error-compensated values each slice
-    was fitted to) and metrics (s, D, D) (slice j's conditional metric M_j = Linv Linv^T)."""
+    Returns indices (N, s, k), scales (N, s, k), targets (N, s, D) (the error-compensated values each
+    slice was fitted to) and metrics (s, D, D) (slice j's conditional metric M_j = Linv Linv^T)."""
     N = Wstar.shape[0]
     Wc = Wstar.copy()
-    idx = np.zeros((N, s), np.int64)
-    alpha = np.zeros((N, s))
+    idx = np.zeros((N, s, terms), np.int64)
+    alpha = np.zeros((N, s, terms))
     targets = np.zeros((N, s, D))
     metrics = np.zeros((s, D, D))
     rows = np.arange(N)
@@ -140,40 +145,49 @@ def _sequential_pass(Wstar, U, B, s, D):
         Linv = np.linalg.inv(U[jb, jb])  # metric of slice j given the later features: ||e Linv||^2
         Y = Wc[:, jb] @ Linv  # (N, D)
         Z = B @ Linv  # (m, D)
-        corr = Y @ Z.T  # (N, m)
         zz = np.maximum((Z * Z).sum(1), 1e-30)
-        t = np.argmax(corr * corr / zz, axis=1)
-        a = corr[rows, t] / zz[t]
-        a = a.astype(np.float16).astype(np.float64)
+        R = Y.copy()
+        for q in range(terms):  # greedy on the residual
+            corr = R @ Z.T  # (N, m)
+            t = np.argmax(corr * corr / zz, axis=1)
+            idx[:, j, q], alpha[:, j, q] = t, corr[rows, t] / zz[t]
+            R -= alpha[:, j, q:q + 1] * Z[t]
+        if terms > 1:  # joint least-squares scales of the k terms
+            Zq = Z[idx[:, j]]  # (N, k, D)
+            gram = np.einsum("nqd,nrd->nqr", Zq, Zq) + 1e-9 * np.eye(terms)
+            alpha[:, j] = np.linalg.solve(gram, np.einsum("nqd,nd->nq", Zq, Y)[..., None])[..., 0]
+        alpha[:, j] = alpha[:, j].astype(np.float16).astype(np.float64)
         targets[:, j] = Wc[:, jb]
-        E = Wc[:, jb] - a[:, None] * B[t]
+        E = Wc[:, jb] - np.einsum("nq,nqd->nd", alpha[:, j], B[idx[:, j]])
         Wc[:, (j + 1) * D:] -= E @ Linv @ U[jb, (j + 1) * D:]
-        idx[:, j], alpha[:, j] = t, a
         metrics[j] = Linv @ Linv.T
     return idx, alpha, targets, metrics
 
 
 def _update_codebook(B, idx, alpha, targets, metrics, sweeps=3):
-    """Each codeword minimises sum over its slices of (a B - T)^T M_j (a B - T) over B in {-1,+1}^D:
-    the quadratic B^T Q B - 2 r^T B with Q = sum a^2 M_j, r = sum a M_j T, by coordinate descent
-    from the current codeword (never worse than it). Unused codewords are kept."""
+    """Each codeword minimises sum over its uses of (a B - T)^T M_j (a B - T) over B in {-1,+1}^D, with T
+    the slice's target minus its other terms: the quadratic B^T Q B - 2 r^T B, Q = sum a^2 M_j,
+    r = sum a M_j T, by coordinate descent from the current codeword. Unused codewords are kept."""
     m, D = B.shape
-    N, s = idx.shape
-    onehot = np.zeros((m, N * s))
-    onehot[idx.ravel(), np.arange(N * s)] = 1.0
-    w2 = (onehot * (alpha ** 2).ravel()).reshape(m, N, s).sum(1)  # (m, s)
+    N, s, k = idx.shape
+    uses = N * s * k
+    onehot = np.zeros((m, uses))
+    onehot[idx.ravel(), np.arange(uses)] = 1.0
+    w2 = (onehot * (alpha ** 2).ravel()).reshape(m, N, s, k).sum(axis=(1, 3))  # (m, s)
     Q = np.einsum("ms,sde->mde", w2, metrics)  # (m, D, D)
-    mt = np.einsum("sde,nse->nsd", metrics, targets) * alpha[:, :, None]  # (N, s, D): a M_j T
-    r = onehot @ mt.reshape(N * s, D)  # (m, D)
+    terms_now = alpha[..., None] * B[idx]  # (N, s, k, D)
+    own = targets[:, :, None, :] - terms_now.sum(2, keepdims=True) + terms_now  # (N, s, k, D)
+    mt = np.einsum("sde,nsqe->nsqd", metrics, own) * alpha[..., None]  # a M_j T
+    r = onehot @ mt.reshape(uses, D)  # (m, D)
     B = B.copy()
     diag = np.einsum("mdd->md", Q)
     for _ in range(sweeps):
         changed = False
-        for k in range(D):  # coordinate k of every codeword at once
-            field = r[:, k] - (np.einsum("md,md->m", Q[:, k, :], B) - diag[:, k] * B[:, k])
-            new = np.where(field > 0, 1.0, np.where(field < 0, -1.0, B[:, k]))
-            changed |= bool(np.any(new != B[:, k]))
-            B[:, k] = new
+        for c in range(D):  # coordinate c of every codeword at once
+            field = r[:, c] - (np.einsum("md,md->m", Q[:, c, :], B) - diag[:, c] * B[:, c])
+            new = np.where(field > 0, 1.0, np.where(field < 0, -1.0, B[:, c]))
+            changed |= bool(np.any(new != B[:, c]))
+            B[:, c] = new
         if not changed:
             break
     return B

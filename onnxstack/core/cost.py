@@ -1,9 +1,9 @@
 """Honest bit accounting and the MAC cost model, in one place.
 
-Stored bits of a compressed layer (N filters, s slices of d x kh x kw, m codewords):
+Stored bits of a compressed layer (N filters, s slices of d x kh x kw, m codewords, k terms a slice):
   codebook  8 * ceil(m/8) * d*kh*kw    (packed; padding codewords are stored, so counted)
-  indices   N * s * 8 * itemsize         (uint8 up to m = 256, else uint16)
-  scales    16 * N * s  (per slice) or 16 * N (per filter)
+  indices   N * s * k * 8 * itemsize     (uint8 up to m = 256, else uint16)
+  scales    16 * N * s * k (per slice) or 16 * N * k (per filter)
   bias      32 * N when present
 MACs per output pixel:
   dense     N * Cg * kh * kw                         (same as the original Conv)
@@ -21,12 +21,12 @@ def dense_bits(n_out: int, channels: int, kh: int, kw: int, has_bias: bool) -> i
 
 
 def compressed_bits(n_out: int, slices: int, d: int, kh: int, kw: int, m: int, scale: str,
-                    has_bias: bool) -> dict[str, int]:
+                    has_bias: bool, terms: int = 1) -> dict[str, int]:
     """Every stored bit of one compressed layer, by part, plus the total."""
     parts = {
         "codebook": 8 * packed_rows(m) * d * kh * kw,
-        "indices": n_out * slices * 8 * index_dtype(m).itemsize,
-        "scales": 16 * n_out * (slices if scale == "slice" else 1),
+        "indices": n_out * slices * terms * 8 * index_dtype(m).itemsize,
+        "scales": 16 * n_out * (slices if scale == "slice" else 1) * terms,
         "bias": 32 * n_out if has_bias else 0,
     }
     parts["total"] = sum(parts.values())
