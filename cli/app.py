@@ -90,14 +90,17 @@ def default_output(model: Path) -> Path:
                    "the original outputs.")
 @click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Calibration samples (a seeded random subset).")
-@click.option("--target-ratio", type=float, help="With --data: choose d and m per layer to reach this conv ratio.")
+@click.option("--target-ratio", type=float, help="With --data: choose d, m, k per layer to reach this conv ratio.")
+@click.option("--max-drop", type=float, metavar="POINTS",
+              help="With --data: the highest ratio whose top-1 drop (labels) or disagreement stays within POINTS "
+                   "on a held-out quarter of the data.")
 @image_options
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
 def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, terms, execution, skip, iterations,
-             seed, data_path, limit, target_ratio, image_size, channels, pixel_scale, mean, std, layout,
+             seed, data_path, limit, target_ratio, max_drop, image_size, channels, pixel_scale, mean, std, layout,
              report_path, overwrite, quiet):
     """Compress every eligible Conv of MODEL."""
     config = onnxstack.CompressConfig(
@@ -116,9 +119,9 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
 
         data = load_data(data_path, model, limit=limit, seed=seed,
                          image_options=make_image_options(image_size, channels, pixel_scale, mean, std, layout))
-    elif target_ratio is not None:
-        raise ConfigError("--target-ratio needs calibration data: pass --data")
-    result = onnxstack.compress(model, config, data=data, target_ratio=target_ratio,
+    elif target_ratio is not None or max_drop is not None:
+        raise ConfigError("--target-ratio and --max-drop need calibration data: pass --data")
+    result = onnxstack.compress(model, config, data=data, target_ratio=target_ratio, max_drop=max_drop,
                                 progress=None if quiet else _LazyBar("compressing"))
     result.save(output, overwrite=overwrite)
     if report_path is not None:

@@ -20,12 +20,12 @@ import numpy as np
 from .analyse import ConvInfo
 from .config import CompressConfig, LayerOverride
 from .core import cost
-from .core.calib import LayerStats, fit_output_aware
+from .core.calib import LayerStats, OutputMetric, fit_output_aware
 from .core.fit import from_slices
 from .errors import ConfigError
 
-SLICE_DIMS = (4, 8, 16, 32, 64)
-MAX_M = 1024
+SLICE_DIMS = (4, 8, 16, 32)
+CODEBOOK_SIZES = (16, 64, 256)
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,9 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
         if d > cg:
             continue
         slices = n * -(-cg // d)
-        m = 8
-        while m <= min(MAX_M, max(8, slices // 2)) and m <= slices:
-            pairs += [(d, m, 1), (d, m, 2)]
-            m *= 4 if m < 64 else 2
+        for m in CODEBOOK_SIZES:
+            if m <= max(2, slices // 2):
+                pairs += [(d, m, 1), (d, m, 2)]
     return pairs
 
 
@@ -77,9 +76,12 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
                      config: CompressConfig) -> list[Candidate]:
     out = []
     n, cg, kh, kw = weight.shape
+    metrics = {}
     for d, m, k in candidate_grid(info, config):
-        fit, new_bias = fit_output_aware(weight, stats, d, m, terms=k, damp=config.calibration_damp,
-                                         iterations=config.iterations, seed=config.seed, rounds=2)
+        if d not in metrics:
+            metrics[d] = OutputMetric.build(stats, n, cg, d, (kh, kw), config.calibration_damp)
+        fit, new_bias = fit_output_aware(weight, stats, d, m, terms=k, iterations=min(config.iterations, 8),
+                                         seed=config.seed, rounds=1, metric=metrics[d])
         bits = cost.compressed_bits(n, -(-cg // d), d, kh, kw, m, "slice", True, k)["total"]
         out.append(Candidate(d, m, k, bits, damage(weight, bias, fit, new_bias, stats)))
     out.append(Candidate(0, 0, 0, cost.dense_bits(n, cg, kh, kw, bias is not None), 0.0))
@@ -103,7 +105,25 @@ def allocate(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict
     for _ in range(60):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if sum(x.bits for x in pick(mid).values()) > budget_bits else (lo, mid)
-    return pick(hi)
+    return _fill(pick(hi), candidates, budget_bits)
+
+
+def _fill(choice: dict[str, Candidate], candidates: dict[str, list[Candidate]], budget_bits: float):
+    """Spend what the relaxation left of the budget: take the upgrade with the most damage saved per
+    extra bit, while one fits."""
+    choice = dict(choice)
+    while True:
+        spare = budget_bits - sum(c.bits for c in choice.values())
+        best, best_rate = None, 0.0
+        for name, options in candidates.items():
+            now = choice[name]
+            for c in options:
+                extra, saved = c.bits - now.bits, now.damage - c.damage
+                if saved > 0 and 0 < extra <= spare and saved / extra > best_rate:
+                    best, best_rate = (name, c), saved / extra
+        if best is None:
+            return choice
+        choice[best[0]] = best[1]
 
 
 def overrides_for(choice: dict[str, Candidate], config: CompressConfig) -> CompressConfig:

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from . import __version__, op
 from .analyse import ConvInfo, analyse
-from .calibrate import calibrated_plans, choose_settings
+from .calibrate import calibrated_plans, layer_candidates_all
 from .config import CompressConfig
 from .errors import ConfigError, ModelError, NothingToCompressError, OnnxstackError
 from .io import save_model_atomic
@@ -50,14 +50,17 @@ def inspect(model_or_path, config: CompressConfig | None = None) -> list[ConvInf
 
 
 def compress(model_or_path, config: CompressConfig | None = None, *, data=None, target_ratio: float | None = None,
-             progress: Callable[[int, int, str], None] | None = None) -> CompressResult:
+             max_drop: float | None = None, progress: Callable[[int, int, str], None] | None = None
+             ) -> CompressResult:
     """Compress every eligible Conv of a model (a path or ModelProto); the input is never modified.
 
-    data: calibration inputs: a dict of arrays keyed by input name, an onnxstack.data.Dataset, or a
-    path for onnxstack.data.load_data (first 1,000 samples). With it every layer is fitted to preserve
-    the original model's outputs (see calibrate.py); without it, to preserve its weights.
-    target_ratio: with data, choose slice depth and codebook size per layer to reach this conv ratio
-    with the least output damage (see allocate.py); the choice overrides the config's d and m.
+    data: calibration inputs: a dict of arrays keyed by input name (optionally `labels`), an
+    onnxstack.data.Dataset, or a path for onnxstack.data.load_data (1,000 samples). With it every layer
+    is fitted to preserve the original model's outputs (see calibrate.py); without it, its weights.
+    target_ratio: with data, choose slice depth, codebook size and terms per layer to reach this conv
+    ratio with the least output damage (see allocate.py); the choice overrides the config's.
+    max_drop: with data, the highest ratio whose top-1 accuracy drop (with labels; else 100 - top-1
+    agreement) on a held-out quarter of the data stays within max_drop points.
     progress(done, total, layer name) is called after each layer is planned.
     """
     config = config or CompressConfig()
@@ -68,24 +71,46 @@ def compress(model_or_path, config: CompressConfig | None = None, *, data=None, 
     if default_opset(model) < op.MIN_OPSET:
         model = _upgrade_checked(model)
         infos = analyse(model, config)
-    feeds = _calibration_feeds(data, model, config.seed) if data is not None else None
-    targets, allocation = None, None
-    if target_ratio is not None:
+    feeds, labels = _calibration_data(data, model, config.seed) if data is not None else (None, None)
+    extra: dict = {"calibrated": feeds is not None}
+    targets = None
+    if target_ratio is not None or max_drop is not None:
         if feeds is None:
-            raise ConfigError("a target ratio needs calibration data (--data)")
-        if not target_ratio > 1:
+            raise ConfigError("choosing settings per layer (target ratio, max drop) needs calibration data (--data)")
+        if target_ratio is not None and max_drop is not None:
+            raise ConfigError("give a target ratio or a maximum drop, not both")
+        if target_ratio is not None and not target_ratio > 1:
             raise ConfigError(f"target ratio must be > 1, got {target_ratio}")
-        config, targets, allocation = choose_settings(model, infos, feeds, config, target_ratio)
+        if max_drop is not None and not 0 <= max_drop <= 100:
+            raise ConfigError(f"max drop must be in [0, 100] points, got {max_drop}")
+        held_out = None
+        if max_drop is not None:
+            feeds, held_out = _hold_out(feeds, labels, config.seed)
+        candidates = layer_candidates_all(model, infos, feeds, config)
+        targets = candidates.targets
+        if max_drop is not None:
+            target_ratio, extra["search"] = _search_ratio(model, infos, candidates, feeds, held_out, config,
+                                                          max_drop, original_bytes)
+        config, extra["allocation"] = candidates.settings(config, target_ratio)
+        extra["target_ratio"] = target_ratio
         infos = analyse(model, config)
     _check_codebook_sizes(infos, config)
-    weights = {t.name: t for t in model.graph.initializer}
-    plans: dict[tuple, LayerPlan] = {}
+    layers = _plan_all(model, infos, feeds, config, targets, progress)
+    out, report = _assemble(model, layers, config, original_bytes)
+    report.update(extra)
+    return CompressResult(out, report, config, path)
+
+
+def _plan_all(model, infos, feeds, config, targets=None, progress=None) -> list[tuple[ConvInfo, LayerPlan | None]]:
+    """A plan for every eligible layer (calibrated when feeds are given), None for the others."""
     total = sum(i.eligible for i in infos)
     counter = iter(range(1, total + 1))
     report_progress = (lambda name: progress(next(counter), total, name)) if progress else None
     if feeds is not None:
         by_node = calibrated_plans(model, infos, feeds, config, report_progress, targets)
     else:
+        weights = {t.name: t for t in model.graph.initializer}
+        plans: dict[tuple, LayerPlan] = {}
         by_node = {}
         for info in infos:
             if info.eligible:
@@ -95,7 +120,11 @@ def compress(model_or_path, config: CompressConfig | None = None, *, data=None, 
                 by_node[info.node_index] = plans[key]
                 if report_progress:
                     report_progress(info.name)
-    layers = [(info, by_node.get(info.node_index)) for info in infos]
+    return [(info, by_node.get(info.node_index)) for info in infos]
+
+
+def _assemble(model, layers, config, original_bytes) -> tuple[onnx.ModelProto, dict]:
+    """The rewritten, checked model and its report."""
     summary = build_report(layers, original_bytes, 0)
     metadata = {
         "onnxstack.version": __version__,
@@ -107,12 +136,59 @@ def compress(model_or_path, config: CompressConfig | None = None, *, data=None, 
         onnx.checker.check_model(out, full_check=True)
     except Exception as e:  # noqa: BLE001 - a failure here is our bug, reported as such
         raise OnnxstackError(f"internal error: the rewritten model fails the ONNX checker: {e}") from None
-    report = build_report(layers, original_bytes, out.ByteSize())
-    report["calibrated"] = feeds is not None
-    if allocation is not None:
-        report["target_ratio"] = target_ratio
-        report["allocation"] = allocation
-    return CompressResult(out, report, config, path)
+    return out, build_report(layers, original_bytes, out.ByteSize())
+
+
+RATIO_GRID = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def _search_ratio(model, infos, candidates, feeds, held_out, config, max_drop, original_bytes):
+    """Bisection over RATIO_GRID for the highest ratio whose drop on the held-out data is <= max_drop."""
+    val_feeds, val_labels = held_out
+    reference = _predict(model, val_feeds)
+    log = []
+
+    def drop(ratio):
+        cfg, _ = candidates.settings(config, ratio)
+        layers = _plan_all(model, analyse(model, cfg), feeds, cfg, candidates.targets)
+        out, rep = _assemble(model, layers, cfg, original_bytes)
+        pred = _predict(out, val_feeds)
+        if val_labels is not None:
+            points = 100 * (np.mean(reference == val_labels) - np.mean(pred == val_labels))
+        else:
+            points = 100 * (1 - np.mean(pred == reference))
+        log.append({"target_ratio": ratio, "conv_ratio": rep["conv_ratio"], "drop_points": float(points),
+                    "measure": "top-1 accuracy" if val_labels is not None else "top-1 agreement"})
+        return points
+
+    grid = [r for r in RATIO_GRID if r <= candidates.max_ratio] or [candidates.max_ratio]
+    lo, hi = -1, len(grid)  # invariant: grid[lo] passes (or none yet), grid[hi] fails
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if drop(grid[mid]) <= max_drop else (lo, mid)
+    if lo < 0:
+        raise OnnxstackError(f"no ratio keeps the drop within {max_drop} points: at {grid[0]:g}x the drop is "
+                             f"{log[-1]['drop_points']:.2f} points on {len(reference)} held-out samples")
+    return float(grid[lo]), log
+
+
+def _predict(model: onnx.ModelProto, feeds: dict[str, np.ndarray], batch: int = 256) -> np.ndarray:
+    """Top-1 class of the first output, in batches."""
+    sess = open_session(model)
+    n = len(next(iter(feeds.values())))
+    out = [sess.run(None, {k: v[i:i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
+    return np.concatenate(out).reshape(n, -1).argmax(1)
+
+
+def _hold_out(feeds, labels, seed):
+    """(calibration feeds, (held-out feeds, held-out labels)): a seeded random quarter is held out."""
+    n = len(next(iter(feeds.values())))
+    if n < 8:
+        raise ConfigError(f"--max-drop needs at least 8 samples to hold some out, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    calib, held = np.sort(order[n // 4:]), np.sort(order[: n // 4])
+    return ({k: v[calib] for k, v in feeds.items()},
+            ({k: v[held] for k, v in feeds.items()}, labels[held] if labels is not None else None))
 
 
 def open_session(model_or_path, *, threads: int | None = None, providers: list[str] | None = None):
@@ -160,16 +236,15 @@ def _require_eligible(infos: list[ConvInfo]) -> None:
     raise NothingToCompressError(f"no eligible Conv among {len(infos)}: {'; '.join(reasons)[:300]}")
 
 
-def _calibration_feeds(data, model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
-    """Calibration arrays keyed by input name, checked against the model."""
+def _calibration_data(data, model: onnx.ModelProto, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Calibration arrays keyed by input name, checked against the model, and labels if any."""
     from .data import Dataset, from_arrays, load_data
 
     if isinstance(data, dict):
         data = from_arrays(data, model)
     elif not isinstance(data, Dataset):
         data = load_data(data, model, limit=1000, seed=seed)
-    feeds, _ = data.arrays()
-    return feeds
+    return data.arrays()
 
 
 def _check_codebook_sizes(infos: list[ConvInfo], config: CompressConfig) -> None:

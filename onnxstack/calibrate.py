@@ -149,13 +149,39 @@ def _install(work: onnx.ModelProto, info: ConvInfo, plan: LayerPlan) -> None:
             node.input.append(bname)
 
 
-def choose_settings(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],
-                    config: CompressConfig, target_ratio: float) -> tuple[CompressConfig, Targets, dict]:
-    """Per-layer (d, m) overrides reaching `target_ratio` on the convs with the least output damage.
+@dataclass
+class Candidates:
+    """Every eligible layer's (d, m, k) candidates with their damage, and the bits the convs take."""
 
-    Returns the config with overrides, the calibration targets (reused by the fit), and the choice
-    per layer with its damage for the report."""
-    from .allocate import allocate, layer_candidates, overrides_for
+    per_layer: dict
+    fixed_bits: int  # layers that stay as they are
+    total_bits: int  # all conv weights and biases, dense
+    targets: Targets
+
+    @property
+    def max_ratio(self) -> float:
+        """The highest conv ratio the candidates reach (every layer at its smallest setting)."""
+        return self.total_bits / (self.fixed_bits + sum(min(c.bits for c in cs) for cs in self.per_layer.values()))
+
+    def settings(self, config: CompressConfig, target_ratio: float) -> tuple[CompressConfig, dict]:
+        """Per-layer overrides reaching `target_ratio` with the least summed damage, and the choice table."""
+        from .allocate import allocate, overrides_for
+
+        budget = self.total_bits / target_ratio - self.fixed_bits
+        if budget <= 0:
+            raise ConfigError(f"target ratio {target_ratio:g} is out of reach: the layers left dense alone "
+                              f"take {self.fixed_bits} of the {self.total_bits / target_ratio:.0f} bits it allows")
+        choice = allocate(self.per_layer, budget)
+        table = {name: {"slice_dim": c.slice_dim or None, "codebook_size": c.codebook_size or None,
+                        "terms": c.terms or None, "dense": c.dense, "bits": c.bits, "damage": c.damage,
+                        "candidates": len(self.per_layer[name])} for name, c in choice.items()}
+        return overrides_for(choice, config), table
+
+
+def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],
+                         config: CompressConfig) -> Candidates:
+    """Fit every eligible layer under each candidate setting on the original inputs (one data pass)."""
+    from .allocate import layer_candidates
     from .core import cost
 
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -175,14 +201,5 @@ def choose_settings(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[s
         cands[info.name] = layer_candidates(info, weights[info.weight_name], bias,
                                             targets.stats[info.node_index], config)
     if not cands:
-        raise ConfigError("--target-ratio needs at least one eligible Conv with group=1")
-    budget = total / target_ratio - fixed
-    if budget <= 0:
-        raise ConfigError(f"target ratio {target_ratio:g} is out of reach: the layers left dense alone "
-                          f"take {fixed} of the {total / target_ratio:.0f} bits it allows")
-    choice = allocate(cands, budget)
-    table = {name: {"slice_dim": c.slice_dim or None, "codebook_size": c.codebook_size or None,
-                    "terms": c.terms or None, "dense": c.dense,
-                    "bits": c.bits, "damage": c.damage, "candidates": len(cands[name])}
-             for name, c in choice.items()}
-    return overrides_for(choice, config), targets, table
+        raise ConfigError("choosing settings per layer needs at least one eligible Conv with group=1")
+    return Candidates(cands, fixed, total, targets)

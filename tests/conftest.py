@@ -1,3 +1,9 @@
+import os
+
+# the suite runs on 2 cores: keep BLAS from oversubscribing them (set before numpy loads)
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 import pytest
 
 from .models import conv_model

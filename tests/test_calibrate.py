@@ -79,3 +79,39 @@ def test_compress_with_data_improves_outputs():
     assert layer1["bits_by_part"]["bias"] == 32 * 32  # the bias-free layer now stores a corrected bias
     names = {t.name for t in calibrated.model.graph.initializer}
     assert "conv1.weight.bias" in names and "conv0.bias" not in names
+
+
+def _small():
+    model = conv_model([{"in": 16, "out": 32, "pads": [1, 1, 1, 1]}, {"out": 32, "pads": [1, 1, 1, 1]}], hw=(8, 8))
+    rng = np.random.default_rng(4)
+    return model, {"input": np.abs(rng.standard_normal((48, 16, 8, 8))).astype(np.float32)}
+
+
+@pytest.mark.parametrize("target", [8.0, 20.0])
+def test_target_ratio_is_reached(target):
+    model, calib = _small()
+    result = onnxstack.compress(model, CompressConfig(), data=calib, target_ratio=target)
+    assert result.report["conv_ratio"] >= target
+    alloc = result.report["allocation"]
+    assert set(alloc) == {"conv0", "conv1"}
+    chosen = {e["name"]: e for e in result.report["layers"]}
+    for name, a in alloc.items():
+        if not a["dense"]:
+            assert (chosen[name]["slice_dim"], chosen[name]["codebook_size"], chosen[name]["terms"]) == \
+                (a["slice_dim"], a["codebook_size"], a["terms"])
+
+
+def test_target_ratio_needs_data_and_reachable():
+    model, calib = _small()
+    with pytest.raises(onnxstack.ConfigError, match="needs calibration data"):
+        onnxstack.compress(model, target_ratio=10)
+    with pytest.raises(onnxstack.ConfigError, match="lower the target|out of reach"):
+        onnxstack.compress(model, data=calib, target_ratio=1e6)
+
+
+def test_max_drop_without_labels_uses_agreement():
+    model, calib = _small()
+    result = onnxstack.compress(model, CompressConfig(), data=calib, max_drop=100)
+    search = result.report["search"]
+    assert search and all(s["measure"] == "top-1 agreement" for s in search)
+    assert result.report["target_ratio"] == max(s["target_ratio"] for s in search if s["drop_points"] <= 100)

@@ -81,33 +81,60 @@ class LayerStats:
         return mx, H, G, my
 
 
+@dataclass
+class OutputMetric:
+    """The output metric of one layer at one slice depth: H (padded to s*D features, damped), the
+    least-squares weight W* = H^-1 G, and the upper Cholesky factor U of H^-1 with the per-slice
+    inverse blocks Linv_j = U_jj^-1. Shared by every (m, k) tried at that depth."""
+
+    d: int
+    kernel: tuple[int, int]
+    H: np.ndarray       # (Kp, Kp) damped
+    Wstar: np.ndarray   # (N, Kp)
+    U: np.ndarray       # (Kp, Kp)
+    Linv: np.ndarray    # (s, D, D)
+
+    @classmethod
+    def build(cls, stats: "LayerStats", n_out: int, channels: int, d: int, kernel: tuple[int, int],
+              damp: float = 0.01) -> "OutputMetric":
+        kh, kw = kernel
+        s, D = -(-channels // d), d * kh * kw
+        K, Kp = channels * kh * kw, s * D
+        _, H, G, _ = stats.centred()
+        Hp = np.zeros((Kp, Kp))
+        Hp[:K, :K] = H
+        Hp[np.diag_indices(Kp)] += damp * max(float(np.mean(np.diag(H))), 1e-12)
+        Gp = np.zeros((Kp, n_out))
+        Gp[:K] = G
+        L = np.linalg.cholesky(Hp)
+        Hinv = np.linalg.solve(L.T, np.linalg.solve(L, np.eye(Kp)))
+        Wstar = (Hinv @ Gp).T
+        U = np.linalg.cholesky(Hinv).T  # upper, H^-1 = U^T U
+        blocks = U.reshape(s, D, s, D)[np.arange(s), :, np.arange(s)]  # (s, D, D) diagonal blocks
+        return cls(d, kernel, Hp, Wstar, U, np.linalg.inv(blocks))
+
+
 def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, terms: int = 1, rounds: int = 3,
-                     damp: float = 0.01, iterations: int = 20, seed: int = 0, correct: bool = True
-                     ) -> tuple[BinaryFit, np.ndarray]:
+                     damp: float = 0.01, iterations: int = 20, seed: int = 0, correct: bool = True,
+                     metric: OutputMetric | None = None) -> tuple[BinaryFit, np.ndarray]:
     """Per-slice-scale fit of weight (N, Cg, kh, kw) under the output metric; returns (fit, new bias (N,))."""
     N, cg, kh, kw = weight.shape
     s, D = -(-cg // d), d * kh * kw
     K, Kp = cg * kh * kw, s * D
+    metric = metric or OutputMetric.build(stats, N, cg, d, (kh, kw), damp)
     mx, H, G, my = stats.centred()
-    Hp = np.zeros((Kp, Kp))
-    Hp[:K, :K] = H
-    lam = damp * max(float(np.mean(np.diag(H))), 1e-12)
-    Hp[np.diag_indices(Kp)] += lam
-    Gp = np.zeros((Kp, N))
-    Gp[:K] = G
-    Wstar = np.linalg.solve(Hp, Gp).T  # (N, Kp) least-squares weight for the current inputs
-    U = np.linalg.cholesky(np.linalg.inv(Hp)).T  # upper, H^-1 = U^T U
+    Wstar = metric.Wstar
     init = fit_binary_codebook(to_slices(Wstar.reshape(N, s * d, kh, kw).astype(np.float32), d), m,
                                iterations=iterations, seed=seed, terms=terms)
     B = init.codebook.astype(np.float64)  # (m, D)
     best = None
     for _ in range(max(rounds, 1)):
-        idx, alpha, targets, metrics = _sequential_pass(Wstar, U, B, s, D, terms)
+        idx, alpha, targets = _sequential_pass(metric, B, terms)
         What = _decode(B, idx, alpha).reshape(N, Kp)
-        err = float(np.einsum("nk,kl,nl->", What - Wstar, Hp, What - Wstar))
+        err = float(np.einsum("nk,kl,nl->", What - Wstar, metric.H, What - Wstar))
         if best is None or err < best[0]:
             best = (err, B.copy(), idx, alpha)
-        B = _update_codebook(B, idx, alpha, targets, metrics)
+        B = _update_codebook(B, idx, alpha, targets, metric.Linv @ metric.Linv.transpose(0, 2, 1))
     _, B, idx, alpha = best
     if correct:
         # per-channel least-squares gain: min_g || g Xc w_i - Yc_i ||^2, folded into the scales
@@ -128,21 +155,22 @@ def _decode(B, idx, alpha):
     return np.einsum("nsq,nsqd->nsd", alpha, B[idx])
 
 
-def _sequential_pass(Wstar, U, B, s, D, terms):
+def _sequential_pass(metric: OutputMetric, B, terms):
     """GPTQ-style pass over slice positions.
 
-    Returns indices (N, s, k), scales (N, s, k), targets (N, s, D) (the error-compensated values each
-    slice was fitted to) and metrics (s, D, D) (slice j's conditional metric M_j = Linv Linv^T)."""
-    N = Wstar.shape[0]
-    Wc = Wstar.copy()
+    Returns indices (N, s, k), scales (N, s, k) and targets (N, s, D): the error-compensated values
+    each slice was fitted to. Slice j's error e costs ||e Linv_j||^2 given the later features."""
+    Wc = metric.Wstar.copy()
+    N = Wc.shape[0]
+    s, D, _ = metric.Linv.shape
+    U = metric.U
     idx = np.zeros((N, s, terms), np.int64)
     alpha = np.zeros((N, s, terms))
     targets = np.zeros((N, s, D))
-    metrics = np.zeros((s, D, D))
     rows = np.arange(N)
     for j in range(s):  # sequential by construction; vectorised over filters and codewords
         jb = slice(j * D, (j + 1) * D)
-        Linv = np.linalg.inv(U[jb, jb])  # metric of slice j given the later features: ||e Linv||^2
+        Linv = metric.Linv[j]
         Y = Wc[:, jb] @ Linv  # (N, D)
         Z = B @ Linv  # (m, D)
         zz = np.maximum((Z * Z).sum(1), 1e-30)
@@ -160,8 +188,7 @@ def _sequential_pass(Wstar, U, B, s, D, terms):
         targets[:, j] = Wc[:, jb]
         E = Wc[:, jb] - np.einsum("nq,nqd->nd", alpha[:, j], B[idx[:, j]])
         Wc[:, (j + 1) * D:] -= E @ Linv @ U[jb, (j + 1) * D:]
-        metrics[j] = Linv @ Linv.T
-    return idx, alpha, targets, metrics
+    return idx, alpha, targets
 
 
 def _update_codebook(B, idx, alpha, targets, metrics, sweeps=3):
