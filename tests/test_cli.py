@@ -118,3 +118,33 @@ def test_python_dash_m(model_path):
     out = subprocess.run([sys.executable, "-m", "onnxstack", "compress", str(model_path.with_name("x.onnx"))],
                          capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_compress_with_data_and_target(model_path, tmp_path):
+    import numpy as np
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, input=np.abs(np.random.default_rng(0).standard_normal((40, 16, 12, 12))).astype(np.float32))
+    report = tmp_path / "r.json"
+    result = run("compress", model_path, "-o", tmp_path / "o.onnx", "--data", data, "--target-ratio", "10",
+                 "--report", report, "-q")
+    assert result.exit_code == 0, result.output
+    r = json.loads(report.read_text())
+    assert r["calibrated"] and r["conv_ratio"] >= 10 and set(r["allocation"]) == {"conv0", "conv1"}
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["--target-ratio", "10"], "need calibration data"),
+    (["--data", "missing.npz"], "missing.npz"),
+])
+def test_data_errors(model_path, tmp_path, args, pattern):
+    assert_one_line_error(run("compress", model_path, "-o", tmp_path / "o.onnx", *args), 1, pattern)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_wrong_data_shape(model_path, tmp_path):
+    import numpy as np
+
+    data = tmp_path / "bad.npz"
+    np.savez(data, input=np.zeros((4, 3, 12, 12), np.float32))
+    assert_one_line_error(run("compress", model_path, "-o", tmp_path / "o.onnx", "--data", data), 1, "input 'input'")
