@@ -128,6 +128,9 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         write_bytes_atomic(json.dumps(result.report, indent=2).encode(), report_path)
     if not quiet:
         click.echo(format_table(result.report))
+        if data is None:
+            click.echo("note: fitted without data (weights only). At these ratios that loses most of the accuracy; "
+                       "pass --data with ~1,000 unlabelled inputs, and check with `onnxstack evaluate`.", err=True)
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
 
 

@@ -58,18 +58,10 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
     return pairs
 
 
-def damage(weight: np.ndarray, bias: np.ndarray | None, fit, new_bias: np.ndarray, stats: LayerStats) -> float:
-    """Relative output error of a fitted layer, from the centred calibration moments."""
+def damage(weight: np.ndarray, fit, new_bias: np.ndarray, stats: LayerStats) -> float:
+    """Relative output error of a fitted layer against the original outputs the stats were taken with."""
     n, cg, kh, kw = weight.shape
-    mx, H, G, my = stats.centred()
-    w = weight.reshape(n, -1).astype(np.float64)
-    w_hat = from_slices(fit.decode(), cg, (kh, kw)).reshape(n, -1).astype(np.float64)
-    diff = w_hat - w
-    centred = float(np.einsum("nk,kl,nl->", diff, H, diff)) / stats.n
-    b = bias if bias is not None else 0.0
-    offset = float(np.sum((w_hat @ mx + new_bias - (w @ mx + b)) ** 2))
-    signal = float(np.einsum("nk,kl,nl->", w, H, w)) / stats.n
-    return (centred + offset) / max(signal, 1e-30)
+    return stats.relative_error(from_slices(fit.decode(), cg, (kh, kw)).reshape(n, -1), new_bias)
 
 
 def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,
@@ -83,7 +75,7 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
         fit, new_bias = fit_output_aware(weight, stats, d, m, terms=k, iterations=min(config.iterations, 8),
                                          seed=config.seed, rounds=1, metric=metrics[d])
         bits = cost.compressed_bits(n, -(-cg // d), d, kh, kw, m, "slice", True, k)["total"]
-        out.append(Candidate(d, m, k, bits, damage(weight, bias, fit, new_bias, stats)))
+        out.append(Candidate(d, m, k, bits, damage(weight, fit, new_bias, stats)))
     out.append(Candidate(0, 0, 0, cost.dense_bits(n, cg, kh, kw, bias is not None), 0.0))
     return out
 

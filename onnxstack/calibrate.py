@@ -125,7 +125,9 @@ def calibrated_plans(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[
             base = plan_layer(info, w, config, fit=False)
             fit, bias = fit_output_aware(w, stats, base.slice_dim, base.codebook_size, terms=base.terms,
                                          damp=config.calibration_damp, iterations=config.iterations, seed=config.seed)
-            plan = base.with_fit(fit, relative_error(to_slices(w, base.slice_dim), fit), bias)
+            w_hat = from_slices(fit.decode(), info.shape[1], info.shape[2:]).reshape(info.shape[0], -1)
+            plan = base.with_fit(fit, relative_error(to_slices(w, base.slice_dim), fit), bias,
+                                 output_rel_error=stats.relative_error(w_hat, bias))
         done[key] = plans[info.node_index] = plan
         _install(work, info, plan)
         if progress:

@@ -33,10 +33,13 @@ class LayerPlan:
     has_bias: bool  # the original layer's
     note: str | None = None
     bias: np.ndarray | None = field(default=None, repr=False, compare=False)  # new bias from calibration
+    output_rel_error: float | None = None  # on calibration data: ||Y_hat - Y||^2 / ||Y - mean||^2
 
-    def with_fit(self, fit: BinaryFit, weight_rel_error: float, bias: np.ndarray | None) -> "LayerPlan":
+    def with_fit(self, fit: BinaryFit, weight_rel_error: float, bias: np.ndarray | None,
+                 output_rel_error: float | None = None) -> "LayerPlan":
         """The same layer with another fit (and a corrected bias, which the layer then stores)."""
-        return replace(self, fit=fit, weight_rel_error=weight_rel_error, bias=bias)
+        return replace(self, fit=fit, weight_rel_error=weight_rel_error, bias=bias,
+                       output_rel_error=output_rel_error)
 
     @property
     def stores_bias(self) -> bool:

@@ -73,6 +73,14 @@ class LayerStats:
         self.sxy += X.T @ Y
         self.syy += (Y * Y).sum(0)
 
+    def relative_error(self, w: np.ndarray, b: np.ndarray) -> float:
+        """sum ||X w^T + b - Y||^2 / sum ||Y - mean(Y)||^2 over the rows, for w (N, K), b (N,)."""
+        w, b = w.astype(np.float64), b.astype(np.float64)
+        err = (np.einsum("nk,kl,nl->n", w, self.sxx, w) + 2 * b * (w @ self.sx) + self.n * b * b
+               - 2 * np.einsum("nk,kn->n", w, self.sxy) - 2 * b * self.sy + self.syy)
+        signal = self.syy - self.sy ** 2 / self.n
+        return float(max(err.sum(), 0.0) / max(signal.sum(), 1e-30))
+
     def centred(self):
         """(mean_x (K,), H (K,K), G (K,N), mean_y (N,)) with H, G of centred data."""
         mx, my = self.sx / self.n, self.sy / self.n
