@@ -22,13 +22,14 @@ import onnxstack
 from common import (REPO, SAMPLES, binary_weight_baseline, conv_bits, environment, load_npz, ort_quantized,
                     predict, write_results)
 
-# label, CompressConfig arguments, calibrate?
+# label, CompressConfig arguments, calibrate?, target ratio
 ONNXSTACK_RUNS = [
-    ("onnxstack defaults (d=16), no data", {}, False),
-    ("onnxstack defaults (d=16), calibrated", {}, True),
-    ("onnxstack d=8, calibrated", {"slice_dim": 8}, True),
-    ("onnxstack d=4, calibrated", {"slice_dim": 4}, True),
-    ("onnxstack d=32, calibrated", {"slice_dim": 32}, True),
+    ("onnxstack defaults (d=16, k=1), no data", {}, False, None),
+    ("onnxstack defaults (d=16, k=1), calibrated", {}, True, None),
+    ("onnxstack d=8, k=2, calibrated", {"slice_dim": 8, "terms": 2}, True, None),
+    ("onnxstack --target-ratio 10, calibrated", {}, True, 10.0),
+    ("onnxstack --target-ratio 30, calibrated", {}, True, 30.0),
+    ("onnxstack --target-ratio 50, calibrated", {}, True, 50.0),
 ]
 
 
@@ -64,9 +65,10 @@ def run_model(name, calib_n, tmp: Path):
     row = measure("binary weights sign(W)*mean|W|", binm, ref, labels, base_bits)
     row["conv_ratio"] = base_bits / binbits
     rows.append(row)
-    for label, kwargs, calibrated in ONNXSTACK_RUNS:
+    for label, kwargs, calibrated, target in ONNXSTACK_RUNS:
         t = time.perf_counter()
-        result = onnxstack.compress(model, onnxstack.CompressConfig(**kwargs), data=calib if calibrated else None)
+        result = onnxstack.compress(model, onnxstack.CompressConfig(**kwargs), data=calib if calibrated else None,
+                                    target_ratio=target)
         rows.append(measure(label, result.model, ref, labels, base_bits, time.perf_counter() - t,
                             {"report_conv_ratio": result.report["conv_ratio"]}))
     for r in rows:
@@ -78,11 +80,12 @@ def markdown(results) -> str:
     lines = []
     for name, rows in results.items():
         lines += [f"**{name}** (2,000 test images; calibration: 1,000 training images, no labels)", "",
-                  "| method | conv ratio | file KB | top-1 % | drop (points) | agreement % |",
-                  "|---|---:|---:|---:|---:|---:|"]
+                  "| method | conv ratio | file KB | top-1 % | drop (points) | agreement % | seconds |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
+            secs = f"{r['seconds']:.0f}" if r["seconds"] is not None else ""
             lines.append(f"| {r['method']} | {r['conv_ratio']:.1f}x | {r['file_kb']:.0f} | {100 * r['accuracy']:.2f} | "
-                         f"{r['drop_points']:.2f} | {100 * r['agreement']:.2f} |")
+                         f"{r['drop_points']:.2f} | {100 * r['agreement']:.2f} | {secs} |")
         lines.append("")
     return "\n".join(lines).rstrip()
 
