@@ -67,8 +67,12 @@ def run_model(name, calib_n, tmp: Path):
     rows.append(row)
     for label, kwargs, calibrated, target in ONNXSTACK_RUNS:
         t = time.perf_counter()
-        result = onnxstack.compress(model, onnxstack.CompressConfig(**kwargs), data=calib if calibrated else None,
-                                    target_ratio=target)
+        try:
+            result = onnxstack.compress(model, onnxstack.CompressConfig(**kwargs),
+                                        data=calib if calibrated else None, target_ratio=target)
+        except onnxstack.ConfigError as e:  # e.g. a target the small model cannot reach
+            print(f"{name}: {label}: {e}")
+            continue
         rows.append(measure(label, result.model, ref, labels, base_bits, time.perf_counter() - t,
                             {"report_conv_ratio": result.report["conv_ratio"]}))
     for r in rows:
@@ -95,8 +99,11 @@ def main():
     ap.add_argument("--models", nargs="+", default=list(SAMPLES), choices=list(SAMPLES))
     ap.add_argument("--calib", type=int, default=1000, help="calibration images")
     args = ap.parse_args()
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        results = {name: run_model(name, args.calib, Path(tmp)) for name in args.models}
+        for name in args.models:
+            results[name] = run_model(name, args.calib, Path(tmp))
+            print(markdown({name: results[name]}), flush=True)
     md = markdown(results)
     write_results("accuracy", {"environment": environment(), "results": results}, md)
     print(md)

@@ -69,8 +69,9 @@ class Targets:
 
 
 def original_targets(model: onnx.ModelProto, todo: list[ConvInfo], feeds: dict[str, np.ndarray],
-                     config: CompressConfig) -> Targets:
-    """One pass of the original model: each layer's outputs at sampled positions."""
+                     config: CompressConfig, with_stats: bool = False) -> Targets:
+    """One pass of the original model: each layer's outputs at sampled positions (and, with_stats,
+    the moments of its original inputs against them)."""
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     rng = np.random.default_rng(config.seed)
     inputs = [model.graph.node[i.node_index].input[0] for i in todo]
@@ -88,7 +89,7 @@ def original_targets(model: onnx.ModelProto, todo: list[ConvInfo], feeds: dict[s
             y = rows @ w.T + (weights[info.bias_name] if info.bias_name else 0.0)
             t.positions[info.node_index].append(pos)
             t.outputs[info.node_index].append(y)
-            if info.group == 1:
+            if with_stats and info.group == 1:
                 t.stats[info.node_index].add(rows, y)
     return t
 
@@ -188,7 +189,7 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
 
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     todo = [i for i in infos if i.eligible]
-    targets = original_targets(model, todo, feeds, config)
+    targets = original_targets(model, todo, feeds, config, with_stats=True)
     fixed, total, cands, seen = 0, 0, {}, set()
     for info in infos:
         if info.weight_name in seen or not info.shape or len(info.shape) != 4:

@@ -36,8 +36,8 @@ def test_layer_stats_are_centred_moments():
     st.add(X[200:], Y[200:])
     mx, H, G, my = st.centred()
     Xc, Yc = X - X.mean(0), Y - Y.mean(0)
-    np.testing.assert_allclose(H, Xc.T @ Xc, atol=1e-8)
-    np.testing.assert_allclose(G, Xc.T @ Yc, atol=1e-8)
+    np.testing.assert_allclose(H, Xc.T @ Xc, rtol=1e-4, atol=1e-3)  # float32 products of each batch
+    np.testing.assert_allclose(G, Xc.T @ Yc, rtol=1e-4, atol=1e-3)
 
 
 def test_output_aware_fit_beats_weight_space_on_outputs():

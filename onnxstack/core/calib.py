@@ -65,18 +65,19 @@ class LayerStats:
         return cls(0, z(K), z((K, K)), z(N), z((K, N)), z(N))
 
     def add(self, X: np.ndarray, Y: np.ndarray) -> None:
-        X, Y = X.astype(np.float64), Y.astype(np.float64)
+        """Add a batch of rows; products in float32 (one batch), sums kept in float64."""
+        X, Y = np.ascontiguousarray(X, np.float32), np.ascontiguousarray(Y, np.float32)
         self.n += len(X)
-        self.sx += X.sum(0)
+        self.sx += X.sum(0, dtype=np.float64)
         self.sxx += X.T @ X
-        self.sy += Y.sum(0)
+        self.sy += Y.sum(0, dtype=np.float64)
         self.sxy += X.T @ Y
-        self.syy += (Y * Y).sum(0)
+        self.syy += (Y * Y).sum(0, dtype=np.float64)
 
     def relative_error(self, w: np.ndarray, b: np.ndarray) -> float:
         """sum ||X w^T + b - Y||^2 / sum ||Y - mean(Y)||^2 over the rows, for w (N, K), b (N,)."""
         w, b = w.astype(np.float64), b.astype(np.float64)
-        err = (np.einsum("nk,kl,nl->n", w, self.sxx, w) + 2 * b * (w @ self.sx) + self.n * b * b
+        err = (_quad(w, self.sxx) + 2 * b * (w @ self.sx) + self.n * b * b
                - 2 * np.einsum("nk,kn->n", w, self.sxy) - 2 * b * self.sy + self.syy)
         signal = self.syy - self.sy ** 2 / self.n
         return float(max(err.sum(), 0.0) / max(signal.sum(), 1e-30))
@@ -139,7 +140,7 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
     for _ in range(max(rounds, 1)):
         idx, alpha, targets = _sequential_pass(metric, B, terms)
         What = _decode(B, idx, alpha).reshape(N, Kp)
-        err = float(np.einsum("nk,kl,nl->", What - Wstar, metric.H, What - Wstar))
+        err = float(_quad(What - Wstar, metric.H).sum())
         if best is None or err < best[0]:
             best = (err, B.copy(), idx, alpha)
         B = _update_codebook(B, idx, alpha, targets, metric.Linv @ metric.Linv.transpose(0, 2, 1))
@@ -148,7 +149,7 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
         # per-channel least-squares gain: min_g || g Xc w_i - Yc_i ||^2, folded into the scales
         What = _decode(B, idx, alpha).reshape(N, Kp)[:, :K]
         num = np.einsum("nk,kn->n", What, G)
-        den = np.einsum("nk,kl,nl->n", What, H, What)
+        den = _quad(What, H)
         gain = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
         alpha = alpha * gain[:, None, None]
     alpha = _to_float16_range(alpha)
@@ -156,6 +157,11 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
     bias = my - What @ mx  # exact for the centred objective
     fit = BinaryFit(codebook=B.astype(np.int8), indices=idx.astype(np.int64), scales=alpha.astype(np.float32))
     return fit, bias.astype(np.float32)
+
+
+def _quad(w, S):
+    """Row-wise quadratic forms w_i^T S w_i for w (N, K), S (K, K), through BLAS."""
+    return np.sum((w @ S) * w, axis=1)
 
 
 def _decode(B, idx, alpha):
@@ -209,10 +215,11 @@ def _update_codebook(B, idx, alpha, targets, metrics, sweeps=3):
     onehot = np.zeros((m, uses))
     onehot[idx.ravel(), np.arange(uses)] = 1.0
     w2 = (onehot * (alpha ** 2).ravel()).reshape(m, N, s, k).sum(axis=(1, 3))  # (m, s)
-    Q = np.einsum("ms,sde->mde", w2, metrics)  # (m, D, D)
+    Q = (w2 @ metrics.reshape(s, D * D)).reshape(m, D, D)
     terms_now = alpha[..., None] * B[idx]  # (N, s, k, D)
     own = targets[:, :, None, :] - terms_now.sum(2, keepdims=True) + terms_now  # (N, s, k, D)
-    mt = np.einsum("sde,nsqe->nsqd", metrics, own) * alpha[..., None]  # a M_j T
+    mt = np.matmul(own.transpose(1, 0, 2, 3), metrics.transpose(0, 2, 1)[:, None])  # (s, N, k, D): M_j T
+    mt = mt.transpose(1, 0, 2, 3) * alpha[..., None]  # a M_j T
     r = onehot @ mt.reshape(uses, D)  # (m, D)
     B = B.copy()
     diag = np.einsum("mdd->md", Q)
