@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .options import image_options, make_image_options
 
 
 def _fail(message: str, code: int = 1) -> None:
+    message = " ".join(str(message).split())  # always one line
     click.echo(f"onnxstack: error: {message}", err=True)
     sys.exit(code)
 
@@ -39,6 +41,12 @@ def handle_errors(fn):
             _fail("interrupted; nothing was written", 130)
         except MemoryError:
             _fail("out of memory")
+        except (SystemExit, click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug: still one line, never a traceback
+            if os.environ.get("ONNXSTACK_DEBUG"):
+                raise
+            _fail(f"internal error ({type(e).__name__}: {e}); please report it (ONNXSTACK_DEBUG=1 shows the traceback)")
 
     return wrapper
 
@@ -96,12 +104,16 @@ def default_output(model: Path) -> Path:
                    "on a held-out quarter of the data.")
 @image_options
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write large tensors to OUT.data [when the input had external data or the model is over 2 GB].")
+@click.option("--inline-functions", is_flag=True,
+              help="Expand the com.onnxstack functions into standard ops (for runtimes without ONNX functions).")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
 def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, terms, execution, skip, iterations,
              seed, data_path, limit, target_ratio, max_drop, image_size, channels, pixel_scale, mean, std, layout,
-             report_path, overwrite, quiet):
+             report_path, external_data, inline_functions, overwrite, quiet):
     """Compress every eligible Conv of MODEL."""
     config = onnxstack.CompressConfig(
         slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale, terms=terms,
@@ -123,7 +135,7 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         raise ConfigError("--target-ratio and --max-drop need calibration data: pass --data")
     result = onnxstack.compress(model, config, data=data, target_ratio=target_ratio, max_drop=max_drop,
                                 progress=None if quiet else _LazyBar("compressing"))
-    result.save(output, overwrite=overwrite)
+    result.save(output, overwrite=overwrite, external_data=external_data, inline_functions=inline_functions)
     if report_path is not None:
         write_bytes_atomic(json.dumps(result.report, indent=2).encode(), report_path)
     if not quiet:

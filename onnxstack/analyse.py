@@ -1,7 +1,13 @@
 """Which Conv nodes qualify for compression, and why the others do not.
 
-Every Conv of the main graph comes back as a ConvInfo: eligible, or skipped with a reason. Nothing
-here raises for an unusual layer; reasons are data that the report shows.
+Every Conv of the main graph comes back as a ConvInfo: eligible, or skipped with a reason; Convs
+inside subgraphs (If, Loop, Scan bodies) come back skipped. Nothing here raises for an unusual
+layer; reasons are data that the report shows.
+
+Numbers that would break the stored form are reasons too: NaN or Inf weights or bias, an all-zero
+weight, and weights whose scales float16 cannot hold. A scale is about the mean |w| of the weights it
+covers (a slice, or a filter); the layer is skipped when rounding those magnitudes to float16 would
+cost more than F16_LOSS of the weight's norm (underflow) or when one exceeds float16's range.
 """
 
 from __future__ import annotations
@@ -13,12 +19,16 @@ import onnx
 from onnx import numpy_helper
 
 from .config import CompressConfig
+from .core.fit import to_slices
 from .op import CONV_ATTRS
+
+F16_MAX = float(np.finfo(np.float16).max)
+F16_LOSS = 0.01  # largest share of a weight's norm that rounding its scales to float16 may cost
 
 
 @dataclass(frozen=True)
 class ConvInfo:
-    """One Conv node. shape is the weight's (N, C/group, kh, kw) when known."""
+    """One Conv node. shape is the weight's (N, C/group, kh, kw) when known; node_index is -1 inside a subgraph."""
 
     name: str
     node_index: int
@@ -46,39 +56,79 @@ def constant_initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]
 
 
 def analyse(model: onnx.ModelProto, config: CompressConfig) -> list[ConvInfo]:
-    """One ConvInfo per Conv node of the main graph, in graph order."""
+    """One ConvInfo per Conv node of the main graph, in graph order, then those of subgraphs (skipped)."""
     graph = model.graph
     consts = constant_initializers(graph) if model.ir_version >= 4 else {t.name: t for t in graph.initializer}
+    context = _Context(consts, {o: n for n in graph.node for o in n.output}, {i.name for i in graph.input},
+                       {t.name for t in graph.initializer})
     out = []
     for i, node in enumerate(graph.node):
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
-            continue
-        name = layer_name(node, i)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name in CONV_ATTRS}
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
-        group = int(attrs.get("group", 1))
-        weight = node.input[1] if len(node.input) > 1 else ""
-        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        tensor = consts.get(weight)
-        shape = tuple(tensor.dims) if tensor is not None else None
-        reason = _reason(name, weight, tensor, bias, consts, group, config)
-        out.append(ConvInfo(name, i, weight, bias, shape, group, attrs, reason))
+        if _is_conv(node):
+            name = layer_name(node, i)
+            out.append(_info(node, name, i, context, _reason(name, node, context, config)))
+    for i, node in enumerate(graph.node):
+        out.extend(_subgraph_convs(node, layer_name(node, i), consts))
     return out
 
 
-def _reason(name, weight, tensor, bias, consts, group, config) -> str | None:
+@dataclass(frozen=True)
+class _Context:
+    consts: dict  # name -> TensorProto
+    producers: dict  # value name -> node of the main graph
+    inputs: set  # graph input names
+    initializers: set  # initializer names
+
+
+def _is_conv(node: onnx.NodeProto) -> bool:
+    return node.op_type == "Conv" and node.domain in ("", "ai.onnx")
+
+
+def _info(node, name, index, context, reason) -> ConvInfo:
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name in CONV_ATTRS}
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+    weight = node.input[1] if len(node.input) > 1 else ""
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    tensor = context.consts.get(weight)
+    shape = tuple(tensor.dims) if tensor is not None else None
+    return ConvInfo(name, index, weight, bias, shape, int(attrs.get("group", 1)), attrs, reason)
+
+
+def _subgraph_convs(node: onnx.NodeProto, parent: str, consts: dict) -> list[ConvInfo]:
+    """Convs inside the graph attributes of a node (recursively), skipped with the reason."""
+    out = []
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            inner = {**consts, **{t.name: t for t in sub.initializer}}
+            context = _Context(inner, {}, set(), set())
+            where = f"{parent}/{attr.name}"
+            for i, n in enumerate(sub.node):
+                if _is_conv(n):
+                    reason = (f"inside the '{attr.name}' subgraph of {node.op_type} node '{parent}'; only Convs of "
+                              "the main graph are compressed")
+                    out.append(_info(n, f"{where}/{layer_name(n, i)}", -1, context, reason))
+                out.extend(_subgraph_convs(n, f"{where}/{layer_name(n, i)}", inner))
+    return out
+
+
+def _reason(name, node, context, config) -> str | None:
     settings = config.for_layer(name)
     d = settings.slice_dim
     if settings.skip:
         return settings.skip_reason
+    weight = node.input[1] if len(node.input) > 1 else ""
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    consts, group = context.consts, int(next((a.i for a in node.attribute if a.name == "group"), 1))
+    tensor = consts.get(weight)
     if tensor is None:
-        return f"weight '{weight}' is not a constant initializer"
+        return _not_constant("weight", weight, context)
     if tensor.data_type != onnx.TensorProto.FLOAT:
         return f"weight is {onnx.TensorProto.DataType.Name(tensor.data_type)}, only FLOAT is supported"
+    if len(tensor.dims) == 3:
+        return f"1-D convolution whose weight '{weight}' other nodes also read (only unshared 1-D weights are lifted to 2-D)"
     if len(tensor.dims) != 4:
-        return f"{len(tensor.dims) - 2}-D convolution (weight rank {len(tensor.dims)}); only 2-D is supported"
+        return f"{len(tensor.dims) - 2}-D convolution (weight rank {len(tensor.dims)}); only 1-D and 2-D are supported"
     if bias is not None and bias not in consts:
-        return f"bias '{bias}' is not a constant initializer"
+        return _not_constant("bias", bias, context)
     n_out, cg, kh, kw = tensor.dims
     if group > 1 and cg < d:
         kind = "depthwise" if cg == 1 else "grouped"
@@ -88,6 +138,42 @@ def _reason(name, weight, tensor, bias, consts, group, config) -> str | None:
     slices = n_out * -(-cg // d)
     if slices < 2:
         return f"only {slices} slice, a codebook needs at least 2"
-    if not np.isfinite(numpy_helper.to_array(tensor)).all():
+    w = numpy_helper.to_array(tensor)
+    if not np.isfinite(w).all():
         return "weight holds NaN or Inf"
+    if bias is not None and not np.isfinite(numpy_helper.to_array(consts[bias])).all():
+        return "bias holds NaN or Inf"
+    if not w.any():
+        return "all weights are zero (the layer outputs its bias; nothing to compress)"
+    return _float16_reason(w, d, config.scale)
+
+
+def _not_constant(role: str, name: str, context: _Context) -> str:
+    producer = context.producers.get(name)
+    if producer is not None and producer.op_type == "DequantizeLinear":
+        return (f"{role} '{name}' comes from DequantizeLinear '{producer.name}' (a quantized model); "
+                "quantized weights are left as they are")
+    if producer is not None:
+        return f"{role} '{name}' is computed by a {producer.op_type} node, not a constant initializer"
+    if name in context.inputs and name in context.initializers:
+        return (f"{role} '{name}' is an initializer that is also a graph input (it can be overridden at run time), "
+                "not a constant initializer")
+    return f"{role} '{name}' is not a constant initializer"
+
+
+def _float16_reason(w: np.ndarray, d: int, scale: str) -> str | None:
+    """Why float16 scales cannot carry this weight, or None (see the module docstring)."""
+    slices = to_slices(w, d)  # (N, s, D)
+    mag = np.abs(slices).mean(axis=2, dtype=np.float64)  # (N, s): the magnitude a scale takes
+    count = slices.shape[2]
+    if scale == "filter":
+        mag, count = mag.mean(axis=1), count * slices.shape[1]
+    if mag.max() > F16_MAX:
+        return (f"weights too large for float16 scales (a {scale}'s mean |w| reaches {mag.max():.3g}, "
+                f"float16 holds {F16_MAX:g})")
+    stored = mag.astype(np.float16).astype(np.float64)
+    loss = np.sqrt(count * np.sum((mag - stored) ** 2) / np.sum(w.astype(np.float64) ** 2))
+    if loss > F16_LOSS:
+        return (f"weights too small for float16 scales (largest |w| {np.abs(w).max():.3g}): rounding the scales "
+                f"would lose {loss:.0%} of the weight")
     return None
