@@ -12,11 +12,12 @@ from pathlib import Path
 
 import click
 
-from onnxstack.data import ImageOptions, load_data
+from onnxstack.data import load_data
 from onnxstack.errors import OutputError
 from onnxstack.io import check_output_path
 
 from .app import handle_errors
+from .options import image_options, make_image_options
 
 
 def default_output(compressed: Path) -> Path:
@@ -28,15 +29,6 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".ckpt")
 
 
-def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
-    if value is None:
-        return None
-    try:
-        return tuple(float(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-
-
 @click.command("finetune", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("compressed", type=click.Path(path_type=Path))
 @click.option("--teacher", type=click.Path(path_type=Path), required=True, help="The original (uncompressed) model.")
@@ -46,8 +38,10 @@ def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
               help="Held-out data scored each epoch [a --val-fraction share of --data].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [COMPRESSED.ft.onnx].")
 @click.option("-e", "--epochs", type=click.IntRange(min=1), default=5, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="AdamW learning rate.")
-@click.option("--latent-lr", type=click.FloatRange(min=0, min_open=True), help="Learning rate of the latent codebooks [--lr].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True,
+              help="AdamW learning rate (scales, biases, dense layers).")
+@click.option("--latent-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Learning rate of the latent codebooks (bit flips).")
 @click.option("-b", "--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Global batch (split over torchrun processes).")
 @click.option("--labels-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
@@ -70,16 +64,14 @@ def _floats(ctx, param, value: str | None) -> tuple[float, ...] | None:
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads [torch's default].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt.")
-@click.option("--image-size", type=int, nargs=2, metavar="H W", help="Resize images to H x W [model input size].")
-@click.option("--pixel-scale", type=float, default=1 / 255, show_default="1/255", help="Pixel values are multiplied by it.")
-@click.option("--mean", callback=_floats, metavar="M[,M,M]", help="Subtracted after scaling, per channel [0].")
-@click.option("--std", callback=_floats, metavar="S[,S,S]", help="Divides after the mean, per channel [1].")
+@image_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and start over from a stale checkpoint).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
 def finetune(compressed, teacher, data_path, val_path, output, epochs, lr, latent_lr, batch_size, labels_weight,
              temperature, feature_weight, train_set, reassign_every, augment_shift, augment_flip, val_fraction, limit,
-             max_minutes, device, threads, seed, resume, image_size, pixel_scale, mean, std, overwrite, quiet):
+             max_minutes, device, threads, seed, resume, image_size, channels, pixel_scale, mean, std, layout, overwrite,
+             quiet):
     """Fine-tune COMPRESSED by distillation from --teacher; write the learned values back into the ONNX file."""
     from onnxstack.torch_bridge import FinetuneConfig
     from onnxstack.torch_bridge.dist import world_from_env
@@ -96,7 +88,7 @@ def finetune(compressed, teacher, data_path, val_path, output, epochs, lr, laten
         labels_weight=labels_weight, feature_weight=feature_weight, train=train_set, reassign_every=reassign_every,
         augment_shift=augment_shift, augment_flip=augment_flip, val_fraction=val_fraction, max_minutes=max_minutes,
         device=device, threads=threads, seed=seed)
-    options = ImageOptions(size=image_size or None, scale=pixel_scale, mean=mean or (0.0,), std=std or (1.0,))
+    options = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
     data = load_data(data_path, teacher, limit=limit, seed=seed, image_options=options)
     val = load_data(val_path, teacher, image_options=options) if val_path else None
     result = run_finetune(compressed, teacher, data, config, val=val, checkpoint=ckpt, resume=resume,
@@ -108,6 +100,22 @@ def finetune(compressed, teacher, data_path, val_path, output, epochs, lr, laten
     if not quiet:
         click.echo(format_history(result))
         click.echo(f"wrote {output}")
+
+
+def finetune_after_compress(result, model: Path, data_path: Path | None, epochs: int, image_options,
+                            *, seed: int = 0, quiet: bool = False) -> None:
+    """`compress --finetune-epochs E`: fine-tune result.model in place against the input model, on all of
+    --data (not the calibration subset), with the default settings."""
+    from onnxstack.errors import ConfigError
+    from onnxstack.torch_bridge import FinetuneConfig
+
+    if data_path is None:
+        raise ConfigError("--finetune-epochs needs training inputs: pass --data")
+    data = load_data(data_path, model, seed=seed, image_options=image_options)
+    tuned = run_finetune(result.model, model, data, FinetuneConfig(epochs=epochs, seed=seed), quiet=quiet)
+    result.model = tuned.model
+    if not quiet:
+        click.echo(format_history(tuned), err=True)
 
 
 def run_finetune(compressed, teacher, data, config, *, val=None, checkpoint: Path | None = None,
