@@ -7,8 +7,9 @@ Whole models: each model is compressed at default settings (no data) three times
 "auto" (the cost model's choice per layer, the default), "dense" and "stacked" (every layer that
 can be); the fit is deterministic, so the three differ only in how the layers run. For each thread
 count and batch size the four sessions take turns, one run each a round (the order rotates), for
-at least `--runs` rounds and `--min-seconds` of each; the median latency is reported and its ratio
-to the original's from the same rounds. The MACs the cost model predicts (core/cost.py, per layer,
+at least `--runs` rounds and `--min-seconds` of each; the median latency is reported, and each
+variant's ratio to the original as the median over rounds of its time over the original's in the
+same round (robust to load from other processes that drifts during the run). The MACs the cost model predicts (core/cost.py, per layer,
 times output pixels; other layers' MACs added alike) are reported beside, as ratios to the original.
 
 Layers (the cost-model check): every distinct eligible Conv geometry of the models, and a sweep
@@ -120,6 +121,11 @@ def time_sessions(sessions: dict, feeds: dict, runs: int, min_seconds: float) ->
     return times
 
 
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of time / base time in the same round (robust to load that drifts)."""
+    return float(np.median(np.array(times) / np.array(base)))
+
+
 def summary(times: list[float]) -> dict:
     return {"median_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * min(times),
             "q25_ms": 1e3 * float(np.percentile(times, 25)), "q75_ms": 1e3 * float(np.percentile(times, 75)),
@@ -170,10 +176,13 @@ def bench_model(name: str, args) -> dict | None:
             key = f"threads{threads}_batch{batch}"
             entry["latency"][key] = {
                 "threads": threads, "batch": batch, "stats": stats, "session_s": session_s,
-                "ratio": {label: s["median_ms"] / base for label, s in stats.items()},
+                "ratio": {label: paired_ratio(t, times["original"]) for label, t in times.items()},
+                "ratio_of_medians": {label: s["median_ms"] / base for label, s in stats.items()},
+                "times_ms": {label: [round(1e3 * x, 3) for x in t] for label, t in times.items()},
                 "dense_vs_stacked_max_abs_diff": float(np.abs(outputs["dense"] - outputs["stacked"]).max()) / scale,
             }
-            print(f"  {name} {key}: " + ", ".join(f"{label} {s['median_ms']:.1f} ms ({s['median_ms'] / base:.2f}x)"
+            print(f"  {name} {key}: " + ", ".join(f"{label} {s['median_ms']:.1f} ms "
+                                                   f"({entry['latency'][key]['ratio'][label]:.2f}x)"
                                                    for label, s in stats.items()), flush=True)
         del sessions
     return entry
@@ -207,11 +216,12 @@ def bench_layer(n_out, cin, k, stride, hw, m, runs, min_seconds) -> dict:
     feeds = {"input": np.random.default_rng(0).standard_normal((1, cin, hw, hw)).astype(np.float32)}
     times = time_sessions(forms, feeds, runs, min_seconds)
     dense_ms, stacked_ms = (1e3 * float(np.median(times[f])) for f in ("dense", "stacked"))
+    speedup = paired_ratio(times["dense"], times["stacked"])
     args = (n_out, cin, k, k, entry["slices"], entry["slice_dim"], entry["codebook_size"])
     dense_macs, stacked_macs = cost.macs_per_pixel("dense", *args), cost.macs_per_pixel("stacked", *args)
     return {"geometry": f"{n_out}x{cin}x{k}x{k} s{stride} @{hw}", "N": n_out, "C": cin, "k": k, "stride": stride,
             "hw": hw, "d": entry["slice_dim"], "m": entry["codebook_size"], "dense_ms": dense_ms,
-            "stacked_ms": stacked_ms, "measured_speedup": dense_ms / stacked_ms,
+            "stacked_ms": stacked_ms, "measured_speedup": speedup,
             "predicted_speedup": dense_macs / stacked_macs,
             "cost_model_picks": cost.choose_form(*args[:4], entry["slices"], entry["slice_dim"],
                                                  entry["codebook_size"], 1)}
@@ -260,8 +270,9 @@ def bench_layers(names: list[str], args) -> dict:
 # ---------------------------------------------------------------- report
 
 def markdown(results: dict, layers: dict | None, meta: dict) -> str:
-    lines = [f"Median latency in onnxruntime {meta['environment']['onnxruntime']} (CPU), each variant's ratio to the "
-             f"original from the same rounds; {meta['environment']['cpus']} CPUs, load average "
+    lines = [f"Latency in onnxruntime {meta['environment']['onnxruntime']} (CPU): the original's median, and each "
+             f"variant's ratio to it (median over rounds of the two times in the same round); "
+             f"{meta['environment']['cpus']} CPUs, load average "
              f"{meta['load_before'][0]:.1f} before / {meta['load_after'][0]:.1f} after. Default settings (d=16, "
              "automatic m, no data); 'default' runs each layer in the form the cost model picks. Predicted: MAC "
              "ratio to the original by the cost model.", "",
@@ -272,7 +283,7 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
         for key, lat in e["latency"].items():
             r = lat["ratio"]
             forms = e["forms"]["default"]
-            lines.append(f"| {name} | {lat['threads']} | {lat['batch']} | {lat['stats']['original']['median_ms']:.1f} | "
+            lines.append(f"| {name} | {lat['threads']} | {lat['batch']} | {lat['stats']['original']['median_ms']:.3g} | "
                          f"{r['default']:.2f}x | {r['dense']:.2f}x | {r['stacked']:.2f}x | "
                          f"{p['default']:.2f}x / {p['stacked']:.2f}x | "
                          f"{forms['layers_stacked']} of {forms['layers_stacked'] + forms['layers_dense']} |")
@@ -326,8 +337,8 @@ def main():
     ap.add_argument("--models", nargs="+", default=[*zoo.MODELS, *SAMPLES], choices=[*zoo.MODELS, *SAMPLES])
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--runs", type=int, default=7, help="rounds of timed runs at least")
-    ap.add_argument("--min-seconds", type=float, default=2.0, help="timed seconds of each variant at least")
+    ap.add_argument("--runs", type=int, default=9, help="rounds of timed runs at least")
+    ap.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds of each variant at least")
     ap.add_argument("--layer-runs", type=int, default=15, help="rounds of timed runs a one-Conv point")
     ap.add_argument("--no-layers", action="store_true", help="skip the per-layer cost-model check")
     args = ap.parse_args()

@@ -37,7 +37,8 @@ def checkpoint_path(output: Path) -> Path:
 @click.option("--val", "val_path", type=click.Path(path_type=Path),
               help="Held-out data scored each epoch [a --val-fraction share of --data].")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Output model [COMPRESSED.ft.onnx].")
-@click.option("-e", "--epochs", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("-e", "--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Passes over the training data (fewer when --max-minutes runs out first).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, show_default=True,
               help="AdamW learning rate (scales, biases, dense layers).")
 @click.option("--latent-lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
@@ -46,7 +47,8 @@ def checkpoint_path(output: Path) -> Path:
               help="Global batch (split over torchrun processes).")
 @click.option("--labels-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of the cross-entropy on labels (needs labels in --data).")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Softmax temperature of the distillation loss.")
 @click.option("--feature-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of matching each compressed layer's output to the original's.")
 @click.option("--train", "train_set", type=click.Choice(["all", "compressed"]), default="all", show_default=True,
@@ -62,7 +64,7 @@ def checkpoint_path(output: Path) -> Path:
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), help="Stop training after this wall time.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:K or auto.")
 @click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads [torch's default].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out split, order and --limit.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.ckpt.")
 @image_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing output (and start over from a stale checkpoint).")

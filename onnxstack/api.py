@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,7 @@ from .config import CompressConfig
 from .errors import ConfigError, ModelError, NothingToCompressError, OnnxstackError
 from .io import save_model_atomic
 from .load import check_model, load_model, load_model_and_data_files, model_bytes
+from .core.fit import one_blas_thread
 from .plan import LayerPlan, plan_layer
 from .report import SUMMARY_KEYS, build_report
 from .rewrite import canonical, default_opset, rewrite, upgrade_opset
@@ -123,18 +125,47 @@ def _plan_all(model, infos, feeds, config, targets=None, progress=None) -> list[
     if feeds is not None:
         by_node = calibrated_plans(model, infos, feeds, config, report_progress, targets)
     else:
-        weights = {t.name: t for t in model.graph.initializer}
-        plans: dict[tuple, LayerPlan] = {}
-        by_node = {}
-        for info in infos:
-            if info.eligible:
-                key = (info.weight_name, config.for_layer(info.name))
-                if key not in plans:
-                    plans[key] = plan_layer(info, numpy_helper.to_array(weights[info.weight_name]), config)
-                by_node[info.node_index] = plans[key]
-                if report_progress:
-                    report_progress(info.name)
+        by_node = _weight_space_plans(model, infos, config, report_progress)
     return [(info, by_node.get(info.node_index)) for info in infos]
+
+
+def _weight_space_plans(model, infos, config, report_progress) -> dict[int, LayerPlan]:
+    """Plans fitted to the weights alone, layers in parallel threads (largest first; numpy releases the
+    GIL in the products that dominate a fit, each of which keeps BLAS to one thread). Layers sharing a
+    weight and settings share one fit. The result does not depend on the number of workers."""
+    weights = {t.name: t for t in model.graph.initializer}
+    jobs: dict[tuple, ConvInfo] = {}
+    for info in infos:
+        if info.eligible:
+            jobs.setdefault((info.weight_name, config.for_layer(info.name)), info)
+    order = sorted(jobs, key=lambda key: -_elements(weights[key[0]]))
+    workers = min(_cpu_count(), len(order)) or 1
+
+    def fit(key):
+        return plan_layer(jobs[key], numpy_helper.to_array(weights[key[0]]), config)
+
+    plans: dict[tuple, LayerPlan] = {}
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(fit, key): key for key in order}
+        for future in as_completed(futures):
+            key = futures[future]
+            plans[key] = future.result()
+            if report_progress:
+                for info in infos:
+                    if info.eligible and (info.weight_name, config.for_layer(info.name)) == key:
+                        report_progress(info.name)
+    return {info.node_index: plans[(info.weight_name, config.for_layer(info.name))] for info in infos if info.eligible}
+
+
+def _elements(tensor: onnx.TensorProto) -> int:
+    return int(np.prod(tensor.dims, dtype=np.int64))
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
 
 
 def _assemble(model, layers, config, original_bytes) -> tuple[onnx.ModelProto, dict]:

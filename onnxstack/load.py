@@ -193,19 +193,34 @@ def expected_bytes(tensor: TensorProto) -> int | None:
 def exceeds_limit(model: onnx.ModelProto) -> bool:
     """Whether the model is too large to serialise as one protobuf."""
     if sum(_raw_size(t) for t in model.graph.initializer if t.data_location != TensorProto.EXTERNAL) > PROTOBUF_LIMIT:
-        return True  # without ByteSize, which takes seconds on such a model
+        return True  # without serialising, which takes seconds on such a model
     try:
-        return model.ByteSize() > PROTOBUF_LIMIT
+        return model_bytes(model) > PROTOBUF_LIMIT
     except (EncodeError, ValueError):
         return True
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """Serialised size of the model, also past 2 GB (where it is the size with the data written inline)."""
-    if not exceeds_limit(model):
-        return model.ByteSize()
+    """Serialised size of the model, exact, also past 2 GB (where it is the size with the data written inline).
+
+    Computed on the skeleton: protobuf's ByteSize serialises the message, which costs a pass over every
+    byte of the weights; the size of a large raw tensor follows from its stub's and its data's length (the
+    length its shape and type need, which load_model has checked it holds)."""
     small, stubs = skeleton(model)
-    return small.ByteSize() + sum(_raw_size(original) + 16 for _, original in stubs)
+    if not stubs:
+        return model.ByteSize()
+    graph = small.graph.ByteSize()
+    for stub, original in stubs:
+        stub_size = stub.ByteSize()
+        core = stub_size - sum(_field_bytes(e.ByteSize()) for e in stub.external_data)
+        core -= 0 if original.HasField("data_location") else 2  # the stub's data_location: tag + one byte
+        graph += _field_bytes(core + _field_bytes(_raw_size(original))) - _field_bytes(stub_size)
+    return small.ByteSize() - _field_bytes(small.graph.ByteSize()) + _field_bytes(graph)
+
+
+def _field_bytes(n: int) -> int:
+    """Bytes of a length-delimited field of n bytes whose number is below 16 (one-byte tag)."""
+    return 1 + max(1, (n.bit_length() + 6) // 7) + n
 
 
 def skeleton(model: onnx.ModelProto, *, min_bytes: int = SET_ASIDE_BYTES
@@ -260,12 +275,20 @@ def _raw_size(tensor: TensorProto) -> int:
 
 @contextlib.contextmanager
 def checkable(model: onnx.ModelProto):
-    """The model itself, or past 2 GB its skeleton saved in a temporary folder next to an empty file
-    standing for the stubs' external data (the checker wants the file, not its bytes): (proto, path)."""
-    if not exceeds_limit(model):
+    """The model itself, or (when it has large initializers) its skeleton saved in a temporary folder next to
+    an empty file standing for the stubs' external data (the checker wants the file, not its bytes):
+    (proto, path). The checker and shape inference then never copy the weights (they serialise the model
+    they are given); the raw size check of the stubbed tensors, which the checker would have made, is made here."""
+    small, stubs = skeleton(model)
+    if not stubs:
         yield model, None
         return
-    small, _ = skeleton(model)
+    for _, original in stubs:
+        held, needed = len(original.raw_data), expected_bytes(original)
+        if needed is not None and held != needed:
+            raise ValueError(f"tensor '{original.name}' holds {held} bytes of raw data, but shape "
+                             f"{list(original.dims)} of type {TensorProto.DataType.Name(original.data_type)} "
+                             f"needs {needed}")
     if exceeds_limit(small):
         raise ValueError("the model is over 2 GB even without the large initializers of its main graph")
     with tempfile.TemporaryDirectory(prefix="onnxstack-check-") as tmp:

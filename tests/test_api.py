@@ -137,3 +137,24 @@ def test_save_is_safe(model, tmp_path):
     assert onnx.load(src).SerializeToString() == model.SerializeToString()
     sess = onnxstack.open_session(out, threads=1)
     assert sess.run(None, {"input": X})[0].shape[0] == 2
+
+
+def test_model_bytes_is_exact_without_serialising():
+    """model_bytes works on the skeleton (large raw tensors as stubs) and must equal protobuf's own count."""
+    from onnxstack.load import model_bytes
+    big = conv_model([dict(out=96), dict(out=128)], in_ch=64)  # 64x96x9 and 96x128x9 floats: >= 64 KiB
+    assert model_bytes(big) == big.ByteSize()
+    big.graph.initializer[0].data_location = onnx.TensorProto.DEFAULT  # an explicit default is serialised too
+    assert model_bytes(big) == big.ByteSize()
+
+
+def test_wrong_raw_size_of_a_large_tensor_is_refused(tmp_path):
+    """The checker runs on the skeleton, so the raw size check of the large tensors is onnxstack's own."""
+    model = conv_model([dict(out=128), dict(out=128)], in_ch=64)
+    w = model.graph.initializer[0]
+    w.raw_data = w.raw_data[:-4]
+    with pytest.raises(onnxstack.ModelError, match="holds .* bytes of raw data"):
+        onnxstack.compress(model)
+    model.graph.initializer[0].raw_data = w.raw_data + b"\0" * 8  # too many bytes is as wrong
+    with pytest.raises(onnxstack.ModelError, match="holds .* bytes of raw data"):
+        onnxstack.compress(model)

@@ -178,6 +178,9 @@ def test_bad_inputs(models):
         finetune(compressed, teacher, ({"y": x}, None), config=FinetuneConfig(epochs=1))
     with pytest.raises(onnxstack.ModelError, match="no StackedBinaryConv"):
         finetune(teacher, teacher, (x, None), config=FinetuneConfig(epochs=1))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            finetune(compressed, teacher, (x, None), config=FinetuneConfig(epochs=1, device="cuda"))
 
 
 # --- CLI and DDP -------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def fit_binary_codebook(
     slices = np.ascontiguousarray(slices, dtype=np.float32)
     rng = np.random.default_rng(seed)
     scratch = _Scratch()
-    with _one_blas_thread():
+    with one_blas_thread():
         filters = _sample_filters(N, s, SAMPLE_PER_CODEWORD * m, rng)  # None: all
         sub = slices if filters is None else slices[filters]  # (N', s, D)
         B = _init_codebook(sub.reshape(-1, D), m, rng, scratch)  # (m, D) float32 +-1
@@ -120,7 +120,7 @@ def relative_error(weight_slices: np.ndarray, fit: BinaryFit) -> float:
     return float(np.linalg.norm(diff)) / norm if norm > 0 else 0.0
 
 
-def _one_blas_thread():
+def one_blas_thread():
     """Keep BLAS to one thread during the fit (as scikit-learn's k-means does): its products are
     many and mid-sized, and OpenBLAS's second thread spins between them; with any other load on
     2 cores that doubled the wall time of compressing ResNet-50 (measured, bench/compress_speed.py)."""
@@ -237,7 +237,7 @@ def _kmeanspp(P: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
         if cum[-1] <= 0:  # fewer distinct points than m: the rest are duplicates
             seeds[t:] = rng.choice(p, size=m - t)
             break
-        cands = cum.searchsorted(draws[t] * cum[-1], side="right")  # < p as draws < 1
+        cands = np.minimum(cum.searchsorted(draws[t] * cum[-1], side="right"), p - 1)
         if full is not None:
             np.take(full, cands, axis=0, out=cand_dist)
         else:

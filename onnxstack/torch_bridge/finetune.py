@@ -143,7 +143,7 @@ def finetune(compressed, teacher, data, *, val=None, config: FinetuneConfig | No
 
     data / val: an onnxstack.data.Dataset or (feeds, labels) arrays; without `val`, a held-out share
     of `data` is scored each epoch. checkpoint: file written each epoch (resume=True continues from
-    it). callback(event, info) sees "epoch_start", "step", "epoch_end" (on rank 0 only).
+    it). callback(event, info) sees "epoch_start", "step", "reassign", "epoch_end" (on rank 0 only).
     """
     config = config or FinetuneConfig()
     student_model, source = load_model(compressed)
