@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a problem with the input or options (one line on stderr
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import sys
@@ -102,6 +103,9 @@ def default_output(model: Path) -> Path:
 @click.option("--max-drop", type=float, metavar="POINTS",
               help="With --data: the highest ratio whose top-1 drop (labels) or disagreement stays within POINTS "
                    "on a held-out quarter of the data.")
+@click.option("--finetune-epochs", type=click.IntRange(min=1), metavar="E",
+              help="Then fine-tune E epochs by distillation from MODEL on all of --data (needs onnxstack[torch]; "
+                   "`onnxstack finetune` has the options).")
 @image_options
 @click.option("--report", "report_path", type=click.Path(path_type=Path), help="Write the report as JSON.")
 @click.option("--external-data/--no-external-data", default=None,
@@ -112,7 +116,7 @@ def default_output(model: Path) -> Path:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
 def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, terms, execution, skip, iterations,
-             seed, data_path, limit, target_ratio, max_drop, image_size, channels, pixel_scale, mean, std, layout,
+             seed, data_path, limit, target_ratio, max_drop, finetune_epochs, image_size, channels, pixel_scale, mean, std, layout,
              report_path, external_data, inline_functions, overwrite, quiet):
     """Compress every eligible Conv of MODEL."""
     config = onnxstack.CompressConfig(
@@ -133,8 +137,18 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
                          image_options=make_image_options(image_size, channels, pixel_scale, mean, std, layout))
     elif target_ratio is not None or max_drop is not None:
         raise ConfigError("--target-ratio and --max-drop need calibration data: pass --data")
+    if finetune_epochs is not None:
+        if data_path is None:
+            raise ConfigError("--finetune-epochs needs training inputs: pass --data")
+        importlib.import_module("onnxstack.torch_bridge")  # fails in one line, before compressing, without torch
     result = onnxstack.compress(model, config, data=data, target_ratio=target_ratio, max_drop=max_drop,
                                 progress=None if quiet else _LazyBar("compressing"))
+    if finetune_epochs is not None:
+        from .finetune_cmd import finetune_after_compress
+
+        finetune_after_compress(result, model, data_path, finetune_epochs,
+                                make_image_options(image_size, channels, pixel_scale, mean, std, layout),
+                                seed=seed, quiet=quiet)
     result.save(output, overwrite=overwrite, external_data=external_data, inline_functions=inline_functions)
     if report_path is not None:
         write_bytes_atomic(json.dumps(result.report, indent=2).encode(), report_path)

@@ -116,6 +116,8 @@ def finetune_after_compress(result, model: Path, data_path: Path | None, epochs:
     data = load_data(data_path, model, seed=seed, image_options=image_options)
     tuned = run_finetune(result.model, model, data, FinetuneConfig(epochs=epochs, seed=seed), quiet=quiet)
     result.model = tuned.model
+    result.report["finetune"] = {"epochs": epochs, "best_epoch": tuned.best_epoch, "metric": tuned.metric,
+                                 "history": tuned.history, "written_model": tuned.onnx_metrics}
     if not quiet:
         click.echo(format_history(tuned), err=True)
 

@@ -12,7 +12,7 @@ cost more than F16_LOSS of the weight's norm (underflow) or when one exceeds flo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -38,6 +38,7 @@ class ConvInfo:
     group: int
     attrs: dict = field(repr=False)
     reason: str | None = None  # None: eligible
+    pixels: int | None = None  # output pixels an image (H*W) where shape inference knows them
 
     @property
     def eligible(self) -> bool:
@@ -62,10 +63,12 @@ def analyse(model: onnx.ModelProto, config: CompressConfig) -> list[ConvInfo]:
     context = _Context(consts, {o: n for n in graph.node for o in n.output}, {i.name for i in graph.input},
                        {t.name for t in graph.initializer})
     out = []
+    pixels = _output_pixels(model)
     for i, node in enumerate(graph.node):
         if _is_conv(node):
             name = layer_name(node, i)
-            out.append(_info(node, name, i, context, _reason(name, node, context, config)))
+            info = _info(node, name, i, context, _reason(name, node, context, config))
+            out.append(replace(info, pixels=pixels.get(node.output[0])))
     for i, node in enumerate(graph.node):
         out.extend(_subgraph_convs(node, layer_name(node, i), consts))
     return out
@@ -77,6 +80,23 @@ class _Context:
     producers: dict  # value name -> node of the main graph
     inputs: set  # graph input names
     initializers: set  # initializer names
+
+
+def _output_pixels(model: onnx.ModelProto) -> dict[str, int]:
+    """Spatial size (product of the dims after N, C) of every value whose shape inference fixes it."""
+    from .load import checkable  # shape inference on the skeleton: no pass over the weights
+
+    try:
+        with checkable(model) as (proto, _):
+            inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - sizes are a hint for the cost model; unknown is fine
+        return {}
+    out = {}
+    for vi in (*inferred.graph.value_info, *inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []
+        if len(dims) >= 3 and all(d.HasField("dim_value") and d.dim_value > 0 for d in dims[2:]):
+            out[vi.name] = int(np.prod([d.dim_value for d in dims[2:]]))
+    return out
 
 
 def _is_conv(node: onnx.NodeProto) -> bool:

@@ -99,7 +99,7 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig, *, fi
     if form == "stacked" and info.group != 1:
         form, note = "dense", f"stacked form needs group=1 (group={info.group}); dense used"
     if form == "auto":
-        form = cost.choose_form(n_out, cg, kh, kw, slices.shape[1], d, m, info.group)
+        form = cost.choose_form(n_out, cg, kh, kw, slices.shape[1], d, m, info.group, pixels=info.pixels)
     return LayerPlan(
         name=info.name, weight_name=info.weight_name, shape=(n_out, cg, kh, kw), slice_dim=d,
         codebook_size=m, scale=config.scale, execution=form, fit=result,

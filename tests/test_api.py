@@ -158,3 +158,20 @@ def test_wrong_raw_size_of_a_large_tensor_is_refused(tmp_path):
     model.graph.initializer[0].raw_data = w.raw_data + b"\0" * 8  # too many bytes is as wrong
     with pytest.raises(onnxstack.ModelError, match="holds .* bytes of raw data"):
         onnxstack.compress(model)
+
+
+def test_cost_model_counts_the_stacked_form_fixed_cost():
+    """Small layers stay dense once the output size is known; large ones with a small codebook go stacked."""
+    from onnxstack.core import cost
+    # 256x256x3x3, d=16 (s=16), m=16: 9.8x fewer MACs a pixel in the stacked form
+    args = (256, 256, 3, 3, 16, 16, 16, 1)
+    assert cost.choose_form(*args) == "stacked"
+    assert cost.choose_form(*args, pixels=28 * 28) == "stacked"
+    assert cost.choose_form(*args, pixels=1) == "dense"  # the fixed cost dominates a 1x1 map
+    assert cost.choose_form(256, 256, 3, 3, 16, 16, 16, 2) == "dense"  # grouped: dense only
+
+
+def test_analyse_knows_output_sizes():
+    model = conv_model([dict(out=8, strides=[2, 2], pads=[1, 1, 1, 1]), dict(out=8)], hw=(12, 12))
+    infos = onnxstack.inspect(model)
+    assert [i.pixels for i in infos] == [36, 16]  # 12x12 -> 6x6 (stride 2) -> 4x4 (3x3, no padding)

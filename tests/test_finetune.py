@@ -257,14 +257,31 @@ def test_cli_defaults_match_the_config():
     assert defaults["train_set"] == config.train and defaults["device"] == config.device
 
 
-def test_finetune_after_compress(files):
-    from onnxstack.cli.finetune_cmd import finetune_after_compress
-    from onnxstack.data import ImageOptions
+def test_compress_with_finetune_epochs(files):
+    """`onnxstack compress --data D --finetune-epochs E`: one step; the fine-tuned values are what is written."""
+    from click.testing import CliRunner
 
-    result = onnxstack.compress(files / "m.onnx", onnxstack.CompressConfig(slice_dim=4, codebook_size=2))
-    before = initializers(result.model)
-    finetune_after_compress(result, files / "m.onnx", files / "train.npz", 1, ImageOptions(), quiet=True)
-    onnx.checker.check_model(result.model, full_check=True)
-    assert any(not np.array_equal(v, before[k]) for k, v in initializers(result.model).items())
-    with pytest.raises(ConfigError, match="needs training inputs"):
-        finetune_after_compress(result, files / "m.onnx", None, 1, ImageOptions())
+    from onnxstack.cli import main
+
+    runner = CliRunner()
+    cwd = os.getcwd()
+    os.chdir(files)
+    try:
+        base = ["compress", "m.onnx", "-d", "4", "-m", "2", "--data", "train.npz", "-q", "--report"]
+        res = runner.invoke(main, [*base, "plain.json", "-o", "plain.onnx"])
+        assert res.exit_code == 0, res.output
+        res = runner.invoke(main, [*base, "ft.json", "-o", "ft.onnx", "--finetune-epochs", "2"])
+        assert res.exit_code == 0, res.output
+        plain, tuned = initializers(onnx.load("plain.onnx")), initializers(onnx.load("ft.onnx"))
+        assert plain.keys() == tuned.keys()
+        onnx.checker.check_model(onnx.load("ft.onnx"), full_check=True)
+        report = json.loads((files / "ft.json").read_text())["finetune"]
+        assert report["epochs"] == 2 and [r["epoch"] for r in report["history"]] == [0, 1, 2]
+        best = report["history"][report["best_epoch"]]
+        assert report["written_model"]["accuracy"] == pytest.approx(best["accuracy"])  # the kept epoch is written
+        changed = any(not np.array_equal(v, tuned[k]) for k, v in plain.items())
+        assert changed == (report["best_epoch"] > 0)  # epoch 0 kept: the calibrated values, unchanged
+        res = runner.invoke(main, ["compress", "m.onnx", "-o", "x.onnx", "--finetune-epochs", "1"])
+        assert res.exit_code == 1 and "needs training inputs" in res.output and not os.path.exists("x.onnx")
+    finally:
+        os.chdir(cwd)

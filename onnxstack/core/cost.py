@@ -15,6 +15,12 @@ from __future__ import annotations
 from .bits import index_dtype, packed_rows
 
 
+# Fixed cost of one stacked layer call (its extra nodes and the s*m intermediate maps they pass along), in
+# multiply-adds: the smallest layers of bench/inference_speed.py's cost-model check (1 thread, batch 1)
+# ran 0.95-1.1x faster stacked where MACs alone predicted 1.4-3.3x; 5e5 accounts for that gap.
+STACKED_OVERHEAD_MACS = 500_000
+
+
 def dense_bits(n_out: int, channels: int, kh: int, kw: int, has_bias: bool) -> int:
     """float32 weight (+ bias) bits."""
     return 32 * (n_out * channels * kh * kw + (n_out if has_bias else 0))
@@ -44,10 +50,15 @@ def macs_per_pixel(form: str, n_out: int, channels: int, kh: int, kw: int, slice
 
 
 def choose_form(n_out: int, channels: int, kh: int, kw: int, slices: int, d: int, m: int, group: int,
-                margin: float = 1.25) -> str:
-    """'stacked' where it needs `margin` times fewer MACs than dense (it has overheads), else 'dense'."""
+                margin: float = 1.25, pixels: int | None = None) -> str:
+    """'stacked' where it needs `margin` times fewer MACs than dense, else 'dense'.
+
+    pixels: output pixels an image, where known; the stacked form's extra nodes then cost
+    STACKED_OVERHEAD_MACS a call on top (it decides small layers: 7x7 or 14x14 maps of a few channels)."""
     if group != 1:
         return "dense"
     dense = macs_per_pixel("dense", n_out, channels, kh, kw, slices, d, m)
     stacked = macs_per_pixel("stacked", n_out, channels, kh, kw, slices, d, m)
+    if pixels:
+        dense, stacked = dense * pixels, stacked * pixels + STACKED_OVERHEAD_MACS
     return "stacked" if stacked * margin < dense else "dense"
