@@ -84,11 +84,10 @@ class _Context:
 
 def _output_pixels(model: onnx.ModelProto) -> dict[str, int]:
     """Spatial size (product of the dims after N, C) of every value whose shape inference fixes it."""
-    from .load import checkable  # shape inference on the skeleton: no pass over the weights
+    from .load import skeleton  # shape inference on the skeleton: no pass over the weights
 
     try:
-        with checkable(model) as (proto, _):
-            inferred = onnx.shape_inference.infer_shapes(proto)
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model)[0])
     except Exception:  # noqa: BLE001 - sizes are a hint for the cost model; unknown is fine
         return {}
     out = {}

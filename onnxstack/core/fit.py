@@ -37,8 +37,8 @@ F16_MAX = float(np.finfo(np.float16).max)
 TOLERANCE = 1e-3  # stop when E improves by less than this fraction
 SAMPLE_PER_CODEWORD = 16  # slices a codeword in the subsample fit of large layers
 KMEANS_PER_CODEWORD = 16  # slices a codeword in the k-means (at least KMEANS_MIN)
-KMEANS_SEED_PER_CODEWORD = 4  # k-means++ seeds are drawn from this many slices a codeword (at least KMEANS_MIN)
-KMEANS_MIN = 1024
+KMEANS_SEED_PER_CODEWORD = 2  # k-means++ seeds are drawn from this many slices a codeword (at least KMEANS_MIN)
+KMEANS_MIN = 512
 KMEANS_ITERATIONS = 1  # Lloyd steps after the seeding (the binary steps that follow refine further)
 SEED_MATRIX_MAX = 4096  # k-means++ keeps a full distance matrix up to this many points
 CHUNK_ELEMENTS = 1 << 20  # entries of the (rows, m) correlation computed at once
@@ -219,7 +219,7 @@ def _kmeanspp(P: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     2 + log(m) candidates drawn with probability proportional to the squared distance to the seeds
     so far, keep the one that lowers the sum of those distances most."""
     p = len(P)
-    sq = np.einsum("pd,pd->p", P, P).astype(np.float64)
+    sq = np.einsum("pd,pd->p", P, P)  # float32, as P: the distances only rank candidates
 
     def dist(rows, out=None):  # (len(rows), p) squared distances
         d = sq[rows, None] + sq[None, :] - 2 * (P[rows] @ P.T)
@@ -228,7 +228,7 @@ def _kmeanspp(P: np.ndarray, m: int, rng: np.random.Generator) -> np.ndarray:
     full = dist(np.arange(p)) if p <= SEED_MATRIX_MAX else None
     trials = 2 + int(np.log(m))
     draws = rng.random((m, trials))
-    cand_dist = np.empty((trials, p))
+    cand_dist = np.empty((trials, p), sq.dtype)
     seeds = np.empty(m, np.int64)
     seeds[0] = rng.integers(p)
     closest = dist(seeds[:1])[0].copy()
@@ -308,11 +308,10 @@ def _best_codeword(X: np.ndarray, B: np.ndarray, scratch: "_Scratch", *, absolut
         corr = np.matmul(chunk, BT, out=scratch.get("corr", (k, m)))  # (k, m)
         if bias is not None:
             corr += bias
-        pick = corr.argmax(axis=1)
         if absolute:  # the largest |<x, B_t>|: the largest or the most negative
-            low = corr.argmin(axis=1)
-            rows_ = np.arange(k)
-            pick = np.where(-corr[rows_, low] > corr[rows_, pick], low, pick)
+            pick = np.abs(corr, out=scratch.get("abs", (k, m))).argmax(axis=1)
+        else:
+            pick = corr.argmax(axis=1)
         value = corr[np.arange(k), pick]
         idx[a:a + k] = pick
         best[a:a + k] = value if bias is None else value - bias[pick]
