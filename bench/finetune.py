@@ -38,34 +38,18 @@ from onnxstack.evaluate import evaluate  # noqa: E402
 # one row each: model, training data file and its test split size, the issue's bar, compression (config, or
 # target_ratio: onnxstack's own per-layer allocation, as `--target-ratio`) and fine-tuning settings.
 RUNS = [
-    dict(label="fashion_cnn, labels 0.5", model="fashion_cnn", data="fashion_mnist70k.npz", test_size=10000, bar_ratio=50,
+    dict(label="fashion_cnn, labels 0.5", setting="d=16, 2 slices a codeword", model="fashion_cnn", data="fashion_mnist70k.npz", test_size=10000, bar_ratio=50,
          bar_drop=1.5, compress=dict(slice_dim=16, slices_per_codeword=2),
          finetune=dict(epochs=6, batch_size=128, lr=2e-3, latent_lr=1e-4, labels_weight=0.5, max_minutes=9.0)),
-    dict(label="fashion_cnn, no labels", model="fashion_cnn", data="fashion_mnist70k.npz", test_size=10000,
+    dict(label="fashion_cnn, no labels", setting="d=16, 2 slices a codeword", model="fashion_cnn", data="fashion_mnist70k.npz", test_size=10000,
          bar_ratio=50, bar_drop=1.5, compress=dict(slice_dim=16, slices_per_codeword=2),
          finetune=dict(epochs=6, batch_size=128, lr=2e-3, latent_lr=1e-4, max_minutes=9.0)),
-    dict(label="fashion_cnn at 85x, labels 0.5", model="fashion_cnn", data="fashion_mnist70k.npz", test_size=10000,
-         bar_ratio=50, bar_drop=1.5,
-         compress=dict(slice_dim=16, scale="filter", overrides={"conv1": LayerOverride(slice_dim=1, codebook_size=8)}),
-         finetune=dict(epochs=6, batch_size=128, lr=2e-3, latent_lr=1e-4, labels_weight=0.5, max_minutes=9.0)),
-    dict(label="mnist_cnn, target 100x, labels 0.5", model="mnist_cnn", data="mnist10k.npz", test_size=2000,
+    dict(label="mnist_cnn, target 100x, labels 0.5", setting="--target-ratio 100", model="mnist_cnn", data="mnist10k.npz", test_size=2000,
          bar_ratio=100, bar_drop=1.0, compress=dict(), target_ratio=100,
          finetune=dict(epochs=100, batch_size=64, lr=2e-3, latent_lr=1e-4, labels_weight=0.5, max_minutes=9.0)),
-    dict(label="mnist_cnn, target 100x, no labels", model="mnist_cnn", data="mnist10k.npz", test_size=2000,
+    dict(label="mnist_cnn, target 100x, no labels", setting="--target-ratio 100", model="mnist_cnn", data="mnist10k.npz", test_size=2000,
          bar_ratio=100, bar_drop=1.0, compress=dict(), target_ratio=100,
          finetune=dict(epochs=100, batch_size=64, lr=2e-3, latent_lr=1e-4, max_minutes=9.0)),
-    dict(label="mnist_cnn, d=16 m=16, labels 0.5", model="mnist_cnn", data="mnist10k.npz", test_size=2000,
-         bar_ratio=100, bar_drop=1.0,
-         compress=dict(slice_dim=16, codebook_size=16, overrides={"conv1": LayerOverride(slice_dim=1, codebook_size=8)}),
-         finetune=dict(epochs=100, batch_size=64, lr=2e-3, latent_lr=1e-4, labels_weight=0.5, max_minutes=9.0)),
-    dict(label="mnist_cnn, d=16 m=16 per-filter scales, labels 0.5", model="mnist_cnn", data="mnist10k.npz",
-         test_size=2000, bar_ratio=100, bar_drop=1.0,
-         compress=dict(slice_dim=16, codebook_size=16, scale="filter",
-                       overrides={"conv1": LayerOverride(slice_dim=1, codebook_size=8)}),
-         finetune=dict(epochs=100, batch_size=64, lr=2e-3, latent_lr=1e-4, labels_weight=0.5, max_minutes=9.0)),
-    dict(label="mnist_cnn, target 150x, labels 0.5", model="mnist_cnn", data="mnist10k.npz", test_size=2000,
-         bar_ratio=100, bar_drop=1.0, compress=dict(), target_ratio=150,
-         finetune=dict(epochs=100, batch_size=64, lr=2e-3, latent_lr=1e-4, labels_weight=0.5, max_minutes=9.0)),
 ]
 
 
@@ -127,7 +111,8 @@ def run_model(spec: dict, data_dir: Path, threads: int, tmp: Path, overrides: di
                     threads=threads)
     best = tuned.best
     row = {
-        "model": spec["label"], "conv_ratio": ratio, "max_possible_conv_ratio": max_conv_ratio(original), "conv_ratio_recount": conv_bits(original) / conv_bits(tuned.model),
+        "model": spec["label"], "setting": spec["setting"], "finetune_setting": spec["label"].split(", ")[-1],
+        "conv_ratio": ratio, "max_possible_conv_ratio": max_conv_ratio(original), "conv_ratio_recount": conv_bits(original) / conv_bits(tuned.model),
         "accuracy_original": acc_orig, "accuracy_post_training": acc_post,
         "accuracy_finetuned": ev["accuracy_compressed"], "accuracy_original_evaluate": ev["accuracy_original"],
         "drop_post_training": 100 * (acc_orig - acc_post), "drop_finetuned": 100 * (acc_orig - ev["accuracy_compressed"]),
@@ -156,20 +141,43 @@ def _log(event: str, info: dict) -> None:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["Fine-tuning by distillation: 2,000 test images; 2 torch threads; the epoch kept is the best on a "
-             "held-out 10% of the training split. Bar of the issue: conv ratio, top-1 drop, 10 minutes.", "",
-             "| model | conv ratio (highest possible) | original % | post-training % | fine-tuned % | drop (points) | "
-             "fine-tune min | held-out % loop / evaluate | bar | met |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for r in rows:
-        bar = f">= {r['bar']['conv_ratio']}x, <= {r['bar']['max_drop_points']} pt"
-        lines.append(f"| {r['model']} | {r['conv_ratio']:.1f}x ({r['max_possible_conv_ratio']:.1f}x) | "
-                     f"{100 * r['accuracy_original']:.2f} | {100 * r['accuracy_post_training']:.2f} | "
-                     f"{100 * r['accuracy_finetuned']:.2f} | {r['drop_finetuned']:.2f} | {r['finetune_minutes']:.1f} | "
-                     f"{100 * r['heldout_accuracy_loop']:.2f} / {100 * r['heldout_accuracy_evaluate']:.2f} | {bar} | "
-                     f"{'yes' if r['meets_bar'] else 'no'} |")
-    lines += ["", "Highest possible: every Conv at its cheapest setting under onnxstack's bit accounting (biases and "
-              "float16 scales counted, 8 codewords the smallest packed codebook)."]
+             "held-out 10% of the training split. Bar of the issue: conv ratio, top-1 drop, 10 minutes. "
+             "Baselines (same test images) from bench/results/accuracy.json.", "",
+             "| model | method | conv ratio | top-1 % | drop (points) | fine-tune min | held-out % loop / evaluate | "
+             "bar | met |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    baselines = _baselines()
+    for model in dict.fromkeys(r["model"].split(",")[0] for r in rows):
+        shown = set()
+        for r in [r for r in rows if r["model"].split(",")[0] == model]:
+            bar = f">= {r['bar']['conv_ratio']}x, <= {r['bar']['max_drop_points']} pt"
+            post = f"| {model} | onnxstack post-training, calibrated ({r['setting']}) | {r['conv_ratio']:.1f}x | " \
+                   f"{100 * r['accuracy_post_training']:.2f} | {r['drop_post_training']:.2f} | | | | |"
+            if post not in shown:  # one post-training row per compression setting
+                shown.add(post)
+                lines.append(post)
+            lines.append(f"| {model} | onnxstack fine-tuned, {r['finetune_setting']} ({r['setting']}) | {r['conv_ratio']:.1f}x | "
+                         f"{100 * r['accuracy_finetuned']:.2f} | {r['drop_finetuned']:.2f} | "
+                         f"{r['finetune_minutes']:.1f} | {100 * r['heldout_accuracy_loop']:.2f} / "
+                         f"{100 * r['heldout_accuracy_evaluate']:.2f} | {bar} | {'yes' if r['meets_bar'] else 'no'} |")
+        for b in baselines.get(model, []):
+            lines.append(f"| {model} | {b['method']} | {b['conv_ratio']:.1f}x | {100 * b['accuracy']:.2f} | "
+                         f"{b['drop']:.2f} | | | | |")
     return "\n".join(lines)
+
+
+def _baselines() -> dict[str, list[dict]]:
+    """The fp32 and onnxruntime int8 / int4 rows of bench/accuracy.py's results, by model."""
+    path = RESULTS / "accuracy.json"
+    if not path.exists():
+        return {}
+    out = {}
+    for model, rows in json.loads(path.read_text())["results"].items():
+        original = next((r["accuracy"] for r in rows if r["method"].startswith("fp32")), None)
+        out[model] = [{"method": r["method"], "conv_ratio": r["conv_ratio"], "accuracy": r["accuracy"],
+                       "drop": 100 * (original - r["accuracy"])}
+                      for r in rows if r["method"].startswith("onnxruntime") and original is not None]
+    return out
 
 
 def _merge_previous(rows: list[dict], name: str) -> list[dict]:
