@@ -291,6 +291,10 @@ def bench_layers(names: list[str], args) -> dict:
 
 # ---------------------------------------------------------------- report
 
+def _ms(x: float) -> str:
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
 def markdown(results: dict, layers: dict | None, meta: dict) -> str:
     lines = [f"Latency in onnxruntime {meta['environment']['onnxruntime']} (CPU): the original's median, and each "
              f"variant's ratio to it (median over rounds of the two times in the same round); "
@@ -308,7 +312,7 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
         for key, lat in e["latency"].items():
             r = lat["ratio"]
             forms = e["forms"]["default"]
-            lines.append(f"| {name} | {lat['threads']} | {lat['batch']} | {lat['stats']['original']['median_ms']:.3g} | "
+            lines.append(f"| {name} | {lat['threads']} | {lat['batch']} | {_ms(lat['stats']['original']['median_ms'])} | "
                          f"{r['default']:.2f}x | {r['dense']:.2f}x | {r['stacked']:.2f}x | "
                          f"{p['default']:.2f}x / {p['stacked']:.2f}x | "
                          f"{forms['layers_stacked']} of {forms['layers_stacked'] + forms['layers_dense']} | "

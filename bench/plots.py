@@ -73,3 +73,58 @@ def predicted_vs_measured(path: Path, points: list[dict], title: str, *, margin:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def accuracy_vs_ratio(results_dir: Path) -> Path | None:
+    """Top-1 against conv ratio of the sample models, one panel a model: bench/accuracy.py's rows
+    (baselines, onnxstack without data and calibrated) and bench/finetune.py's fine-tuned rows, read
+    from their JSON results. Written to accuracy_vs_ratio.png; None without accuracy.json."""
+    import json
+
+    acc_path, ft_path = results_dir / "accuracy.json", results_dir / "finetune.json"
+    if not acc_path.exists():
+        return None
+    accuracy = json.loads(acc_path.read_text())["results"]
+    finetuned = json.loads(ft_path.read_text())["results"] if ft_path.exists() else []
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(accuracy), figsize=(5.4 * len(accuracy), 4.2), squeeze=False)
+    for ax, (model, rows) in zip(axes[0], accuracy.items()):
+        original = next(r["accuracy"] for r in rows if r["method"].startswith("fp32"))
+        kinds = {
+            "onnxruntime int8 / int4": [r for r in rows if r["method"].startswith("onnxruntime")],
+            "binary weights": [r for r in rows if r["method"].startswith("binary")],
+            "onnxstack, no data": [r for r in rows if "no data" in r["method"]],
+            "onnxstack, calibrated": [r for r in rows if r["method"].startswith("onnxstack") and "calibrated" in r["method"]],
+        }
+        markers = {"onnxruntime int8 / int4": "s", "binary weights": "v", "onnxstack, no data": "x",
+                   "onnxstack, calibrated": "o"}
+        for kind, sel in kinds.items():
+            ax.scatter([r["conv_ratio"] for r in sel], [100 * r["accuracy"] for r in sel], marker=markers[kind],
+                       s=28, label=kind)
+        tuned = [r for r in finetuned if r["model"].split(",")[0] == model]
+        if tuned:
+            ax.scatter([r["conv_ratio"] for r in tuned], [100 * r["accuracy_finetuned"] for r in tuned], marker="*",
+                       s=90, label="onnxstack, fine-tuned (bench/finetune.py)")
+        ax.axhline(100 * original, color="black", linewidth=0.8, linestyle="--", label="fp32 original")
+        ax.set_xscale("log")
+        ticks = [t for t in (2, 4, 8, 16, 32, 64, 128, 256) if t <= 1.5 * max(
+            [r["conv_ratio"] for r in rows] + [r["conv_ratio"] for r in tuned])]
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel("conv ratio (every stored bit of the convolutions)")
+        ax.set_ylabel("top-1 % (2,000 test images)")
+        ax.set_ylim(0, 101)  # the whole range: collapse to chance is part of the picture
+        ax.set_title(model, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    out = results_dir / "accuracy_vs_ratio.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":  # regenerate the plots that depend on several scripts' results
+    import sys
+
+    sys.exit(0 if accuracy_vs_ratio(Path(__file__).resolve().parent / "results") else 1)
