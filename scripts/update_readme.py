@@ -19,8 +19,10 @@ def main() -> None:
             print(f"skip {name}: {src.relative_to(REPO)} missing")
             continue
         body = src.read_text().strip()
-        text = re.sub(rf"(<!-- BEGIN {name} -->\n).*?(\n<!-- END {name} -->)",
-                      lambda m: m.group(1) + body + m.group(2), text, flags=re.S)
+        text, count = re.subn(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)",
+                              lambda m: m.group(1) + body + "\n" + m.group(2), text, flags=re.S)
+        if count != 1:
+            raise SystemExit(f"README.md: no '<!-- BEGIN {name} -->' line followed by '<!-- END {name} -->'")
         print(f"updated {name}")
     readme.write_text(text)
 
