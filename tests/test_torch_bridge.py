@@ -302,3 +302,16 @@ def test_other_local_functions_are_inlined():
     x = RNG.standard_normal((2, 3)).astype(np.float32)
     got = build_module(model)(torch.from_numpy(x))[0].numpy()
     np.testing.assert_allclose(got, run_ort(model, {"x": x})[0], rtol=1e-5)
+
+
+def test_support_doc_lists_every_bridge_operator():
+    """docs/SUPPORT.md's fine-tuning section names exactly the operators the bridge builds."""
+    import re
+    from pathlib import Path
+
+    from onnxstack.torch_bridge.ops import OPS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "SUPPORT.md").read_text()
+    section = doc.split("## Fine-tuning (the torch bridge)")[1].split("\n## ")[0]
+    listed = next(p for p in section.split("\n\n") if p.startswith(("Abs", "Add"))).rstrip(".\n")
+    assert sorted(re.split(r",\s*", listed.replace("\n", " "))) == sorted(OPS)
