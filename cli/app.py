@@ -157,6 +157,9 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         if data is None:
             click.echo("note: fitted without data (weights only). At these ratios that loses most of the accuracy; "
                        "pass --data with ~1,000 unlabelled inputs, and check with `onnxstack evaluate`.", err=True)
+        if finetune_epochs is not None:
+            click.echo("note: the SNR column was measured after calibration, before fine-tuning; "
+                       "`onnxstack evaluate` measures the written file.", err=True)
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
 
 
