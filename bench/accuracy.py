@@ -21,6 +21,7 @@ import onnx
 import onnxstack
 from common import (REPO, RESULTS, SAMPLES, binary_weight_baseline, conv_bits, environment, load_npz, ort_quantized,
                     predict, write_results)
+from plots import redraw_accuracy_vs_ratio
 
 # label, CompressConfig arguments, calibrate?, target ratio
 ONNXSTACK_RUNS = [
@@ -106,17 +107,8 @@ def main():
             print(markdown({name: results[name]}), flush=True)
     md = markdown(results)
     write_results("accuracy", {"environment": environment(), "results": results}, md)
-    _plot()
+    redraw_accuracy_vs_ratio(RESULTS)  # from this script's results and the other's
     print(md)
-
-
-def _plot() -> None:
-    """accuracy_vs_ratio.png from this script's results and the other's (matplotlib: the `bench` extra)."""
-    try:
-        from plots import accuracy_vs_ratio
-        accuracy_vs_ratio(RESULTS)
-    except ImportError as e:
-        print(f"no plot ({e})")
 
 
 if __name__ == "__main__":

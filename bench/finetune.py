@@ -34,6 +34,7 @@ from onnxstack.config import LayerOverride  # noqa: E402
 from onnxstack.core import cost  # noqa: E402
 from onnxstack.data import from_arrays  # noqa: E402
 from onnxstack.evaluate import evaluate  # noqa: E402
+from plots import redraw_accuracy_vs_ratio  # noqa: E402
 
 # one row each: model, training data file and its test split size, the issue's bar, compression (config, or
 # target_ratio: onnxstack's own per-layer allocation, as `--target-ratio`) and fine-tuning settings.
@@ -209,18 +210,9 @@ def main():
         rows = _merge_previous(rows, args.results_name)
     md = markdown(rows)
     write_results(args.results_name, {"environment": environment(), "results": rows}, md)
-    _plot()
+    redraw_accuracy_vs_ratio(RESULTS)  # from this script's results and the other's
     print(md)
     return 0 if all(r["meets_bar"] for r in rows) else 1
-
-
-def _plot() -> None:
-    """accuracy_vs_ratio.png from this script's results and the other's (matplotlib: the `bench` extra)."""
-    try:
-        from plots import accuracy_vs_ratio
-        accuracy_vs_ratio(RESULTS)
-    except ImportError as e:
-        print(f"no plot ({e})")
 
 
 if __name__ == "__main__":

@@ -98,9 +98,8 @@ def predicted_macs(geometry: dict, report: dict | None) -> int:
         if e is None or "execution" not in e:
             total += pixels * n * cg * kh * kw
         else:
-            total += pixels * cost.macs_per_pixel(e["execution"], n, cg, kh, kw, e["slices"], e["slice_dim"],
-                                                  e["codebook_size"])
-            total += cost.STACKED_OVERHEAD_MACS if e["execution"] == "stacked" else 0
+            total += cost.layer_macs(e["execution"], n, cg, kh, kw, e["slices"], e["slice_dim"], e["codebook_size"],
+                                     pixels)
     return total
 
 
@@ -239,8 +238,7 @@ def bench_layer(n_out, cin, k, stride, hw, m, runs, min_seconds) -> dict:
     speedup = paired_ratio(times["dense"], times["stacked"])
     args = (n_out, cin, k, k, entry["slices"], entry["slice_dim"], entry["codebook_size"])
     pixels = (-(-hw // stride)) ** 2
-    dense_macs = cost.macs_per_pixel("dense", *args) * pixels
-    stacked_macs = cost.macs_per_pixel("stacked", *args) * pixels + cost.STACKED_OVERHEAD_MACS
+    dense_macs, stacked_macs = cost.layer_macs("dense", *args, pixels), cost.layer_macs("stacked", *args, pixels)
     return {"geometry": f"{n_out}x{cin}x{k}x{k} s{stride} @{hw}", "N": n_out, "C": cin, "k": k, "stride": stride,
             "hw": hw, "d": entry["slice_dim"], "m": entry["codebook_size"], "dense_ms": dense_ms,
             "stacked_ms": stacked_ms, "measured_speedup": speedup,

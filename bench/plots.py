@@ -124,6 +124,15 @@ def accuracy_vs_ratio(results_dir: Path) -> Path | None:
     return out
 
 
+def redraw_accuracy_vs_ratio(results_dir: Path) -> None:
+    """accuracy_vs_ratio.png, or a line saying why not (matplotlib is the `bench` extra); called by
+    bench/accuracy.py and bench/finetune.py when they have written their results."""
+    try:
+        accuracy_vs_ratio(results_dir)
+    except ImportError as e:
+        print(f"no plot ({e})")
+
+
 if __name__ == "__main__":  # regenerate the plots that depend on several scripts' results
     import sys
 

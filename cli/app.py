@@ -129,12 +129,12 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         check_output_path(report_path, overwrite=overwrite, source=source)
         if report_path.resolve() == output.resolve():
             raise OutputError(f"{report_path}: report and model would be the same file")
-    data = None
+    data = image_opts = None
     if data_path is not None:
         from onnxstack.data import load_data
 
-        data = load_data(data_path, model, limit=limit, seed=seed,
-                         image_options=make_image_options(image_size, channels, pixel_scale, mean, std, layout))
+        image_opts = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
+        data = load_data(data_path, model, limit=limit, seed=seed, image_options=image_opts)
     elif target_ratio is not None or max_drop is not None:
         raise ConfigError("--target-ratio and --max-drop need calibration data: pass --data")
     if finetune_epochs is not None:
@@ -146,9 +146,7 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
     if finetune_epochs is not None:
         from .finetune_cmd import finetune_after_compress
 
-        finetune_after_compress(result, model, data_path, finetune_epochs,
-                                make_image_options(image_size, channels, pixel_scale, mean, std, layout),
-                                seed=seed, quiet=quiet)
+        finetune_after_compress(result, model, data_path, finetune_epochs, image_opts, seed=seed, quiet=quiet)
     result.save(output, overwrite=overwrite, external_data=external_data, inline_functions=inline_functions)
     if report_path is not None:
         write_bytes_atomic(json.dumps(result.report, indent=2).encode(), report_path)

@@ -134,27 +134,26 @@ def _weight_space_plans(model, infos, config, report_progress) -> dict[int, Laye
     GIL in the products that dominate a fit, each of which keeps BLAS to one thread). Layers sharing a
     weight and settings share one fit. The result does not depend on the number of workers."""
     weights = {t.name: t for t in model.graph.initializer}
-    jobs: dict[tuple, ConvInfo] = {}
+    users: dict[tuple, list[ConvInfo]] = {}  # (weight, settings) -> the layers that share one fit
     for info in infos:
         if info.eligible:
-            jobs.setdefault((info.weight_name, config.for_layer(info.name)), info)
-    order = sorted(jobs, key=lambda key: -_elements(weights[key[0]]))
+            users.setdefault((info.weight_name, config.for_layer(info.name)), []).append(info)
+    order = sorted(users, key=lambda key: -_elements(weights[key[0]]))
     workers = min(_cpu_count(), len(order)) or 1
 
     def fit(key):
-        return plan_layer(jobs[key], numpy_helper.to_array(weights[key[0]]), config)
+        return plan_layer(users[key][0], numpy_helper.to_array(weights[key[0]]), config)
 
-    plans: dict[tuple, LayerPlan] = {}
+    by_node: dict[int, LayerPlan] = {}
     with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(fit, key): key for key in order}
         for future in as_completed(futures):
-            key = futures[future]
-            plans[key] = future.result()
-            if report_progress:
-                for info in infos:
-                    if info.eligible and (info.weight_name, config.for_layer(info.name)) == key:
-                        report_progress(info.name)
-    return {info.node_index: plans[(info.weight_name, config.for_layer(info.name))] for info in infos if info.eligible}
+            plan = future.result()
+            for info in users[futures[future]]:
+                by_node[info.node_index] = plan
+                if report_progress:
+                    report_progress(info.name)
+    return by_node
 
 
 def _elements(tensor: onnx.TensorProto) -> int:

@@ -49,6 +49,13 @@ def macs_per_pixel(form: str, n_out: int, channels: int, kh: int, kw: int, slice
     raise ValueError(f"unknown form {form!r}")
 
 
+def layer_macs(form: str, n_out: int, channels: int, kh: int, kw: int, slices: int, d: int, m: int,
+               pixels: int) -> int:
+    """Multiply-accumulates of one layer call on `pixels` output pixels, the stacked form's fixed cost included."""
+    fixed = STACKED_OVERHEAD_MACS if form == "stacked" else 0
+    return macs_per_pixel(form, n_out, channels, kh, kw, slices, d, m) * pixels + fixed
+
+
 def choose_form(n_out: int, channels: int, kh: int, kw: int, slices: int, d: int, m: int, group: int,
                 margin: float = 1.25, pixels: int | None = None) -> str:
     """'stacked' where it needs `margin` times fewer MACs than dense, else 'dense'.
@@ -57,8 +64,9 @@ def choose_form(n_out: int, channels: int, kh: int, kw: int, slices: int, d: int
     STACKED_OVERHEAD_MACS a call on top (it decides small layers: 7x7 or 14x14 maps of a few channels)."""
     if group != 1:
         return "dense"
-    dense = macs_per_pixel("dense", n_out, channels, kh, kw, slices, d, m)
-    stacked = macs_per_pixel("stacked", n_out, channels, kh, kw, slices, d, m)
+    args = (n_out, channels, kh, kw, slices, d, m)
     if pixels:
-        dense, stacked = dense * pixels, stacked * pixels + STACKED_OVERHEAD_MACS
+        dense, stacked = layer_macs("dense", *args, pixels), layer_macs("stacked", *args, pixels)
+    else:
+        dense, stacked = macs_per_pixel("dense", *args), macs_per_pixel("stacked", *args)
     return "stacked" if stacked * margin < dense else "dense"
