@@ -19,10 +19,10 @@ import onnx
 from onnx import numpy_helper
 
 from .config import CompressConfig
-from .core.fit import to_slices
+from .core.fit import F16_MAX, ceil_div, to_slices
+from .graphs import subgraphs
 from .op import CONV_ATTRS
 
-F16_MAX = float(np.finfo(np.float16).max)
 F16_LOSS = 0.01  # largest share of a weight's norm that rounding its scales to float16 may cost
 
 
@@ -115,17 +115,16 @@ def _info(node, name, index, context, reason) -> ConvInfo:
 def _subgraph_convs(node: onnx.NodeProto, parent: str, consts: dict) -> list[ConvInfo]:
     """Convs inside the graph attributes of a node (recursively), skipped with the reason."""
     out = []
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            inner = {**consts, **{t.name: t for t in sub.initializer}}
-            context = _Context(inner, {}, set(), set())
-            where = f"{parent}/{attr.name}"
-            for i, n in enumerate(sub.node):
-                if _is_conv(n):
-                    reason = (f"inside the '{attr.name}' subgraph of {node.op_type} node '{parent}'; only Convs of "
-                              "the main graph are compressed")
-                    out.append(_info(n, f"{where}/{layer_name(n, i)}", -1, context, reason))
-                out.extend(_subgraph_convs(n, f"{where}/{layer_name(n, i)}", inner))
+    for attr_name, sub in subgraphs(node):
+        inner = {**consts, **{t.name: t for t in sub.initializer}}
+        context = _Context(inner, {}, set(), set())
+        where = f"{parent}/{attr_name}"
+        for i, n in enumerate(sub.node):
+            if _is_conv(n):
+                reason = (f"inside the '{attr_name}' subgraph of {node.op_type} node '{parent}'; only Convs of "
+                          "the main graph are compressed")
+                out.append(_info(n, f"{where}/{layer_name(n, i)}", -1, context, reason))
+            out.extend(_subgraph_convs(n, f"{where}/{layer_name(n, i)}", inner))
     return out
 
 
@@ -154,7 +153,7 @@ def _reason(name, node, context, config) -> str | None:
         return f"{kind} conv with {cg} input channel(s) a group, fewer than slice depth d={d}"
     if cg < d:
         return f"{cg} input channels, fewer than slice depth d={d}"
-    slices = n_out * -(-cg // d)
+    slices = n_out * ceil_div(cg, d)
     if slices < 2:
         return f"only {slices} slice, a codebook needs at least 2"
     w = numpy_helper.to_array(tensor)

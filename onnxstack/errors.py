@@ -1,6 +1,12 @@
 """One error hierarchy. The CLI turns each into one line and exit code 1."""
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line, at most `limit` characters (its type name when it has none)."""
+    text = " ".join(str(e).split())
+    return text[:limit] if text else type(e).__name__
+
+
 class OnnxstackError(Exception):
     """Base class of every error onnxstack raises on purpose."""
 

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from . import op
-from .api import open_session
+from .runtime import open_session, with_outputs
 from .data import Dataset, model_inputs
 from .errors import ConfigError, DataError, ModelError
 from .load import load_model
@@ -68,7 +68,7 @@ def evaluate(original, compressed=None, data: Dataset | None = None, *, batch_si
         _require_inputs(model, data, which)
     layers = _compressed_layers(models) if len(models) == 2 else []
     probed = [n for n in (l["output"] for l in layers) if n is not None]
-    probes = [_with_outputs(m, probed) for m in models]
+    probes = [with_outputs(m, probed) for m in models]
     sessions = [open_session(p, threads=threads) for p in probes]
     slots = [_output_slots(p, probed) for p in probes]  # layer output -> session output index
 
@@ -155,17 +155,6 @@ def _compressed_layers(models: list[onnx.ModelProto]) -> list[dict]:
             out = node.output[0]
             layers.append({"name": node.name or f"{op.OP_TYPE}_{i}", "output": out if out in produced else None})
     return layers
-
-
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the tensors `names` (untyped outputs suit onnxruntime)."""
-    if not names:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    out.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names) if n not in have)
-    return out
 
 
 def _output_slots(model: onnx.ModelProto, names: list[str]) -> list[int]:

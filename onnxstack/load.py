@@ -20,7 +20,8 @@ import onnx
 from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto, helper
 
-from .errors import ModelError
+from .errors import ModelError, one_line
+from .graphs import subgraphs
 
 ModelLike = "onnx.ModelProto | str | os.PathLike"
 PROTOBUF_LIMIT = (1 << 31) - 1  # bytes a serialised ModelProto can hold
@@ -55,11 +56,11 @@ def load_model_and_data_files(model_or_path) -> tuple[onnx.ModelProto, Path | No
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: not an ONNX model or truncated ({_one_line(e)})") from None
+        raise ModelError(f"{path}: not an ONNX model or truncated ({one_line(e)})") from None
     except OSError as e:
-        raise ModelError(f"{path}: cannot read ({_one_line(e)})") from None
+        raise ModelError(f"{path}: cannot read ({one_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - protobuf raises odd types for odd bytes
-        raise ModelError(f"{path}: not an ONNX model ({_one_line(e)})") from None
+        raise ModelError(f"{path}: not an ONNX model ({one_line(e)})") from None
     files = load_external_data(model, path)
     validate(model, str(path))
     return model, path, files
@@ -94,10 +95,8 @@ def _node_tensors(node: onnx.NodeProto) -> Iterator[TensorProto]:
         for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
             yield sparse.values
             yield sparse.indices
-        if attr.HasField("g"):
-            yield from _graph_tensors(attr.g)
-        for g in attr.graphs:
-            yield from _graph_tensors(g)
+    for _, g in subgraphs(node):
+        yield from _graph_tensors(g)
 
 
 def load_external_data(model: onnx.ModelProto, path: Path) -> tuple[Path, ...]:
@@ -137,7 +136,7 @@ def _read_external(tensor: TensorProto, folder: Path, real_folder: str, model_pa
             f.seek(offset)
             data = f.read(length)
     except OSError as e:
-        raise ModelError(f"{where}: cannot read external data '{location}' ({_one_line(e)})") from None
+        raise ModelError(f"{where}: cannot read external data '{location}' ({one_line(e)})") from None
     tensor.raw_data = data
     tensor.ClearField("data_location")  # as if the data had been inline
     del tensor.external_data[:]
@@ -325,11 +324,11 @@ def validate(model: onnx.ModelProto, where: str) -> None:
             try:
                 onnx.checker.check_model(path or proto)
             except Exception as e:  # noqa: BLE001 - the checker raises several types
-                raise ModelError(f"{where}: invalid ONNX model ({_one_line(e)})") from None
+                raise ModelError(f"{where}: invalid ONNX model ({one_line(e)})") from None
             try:
                 inferred = onnx.shape_inference.infer_shapes(undeclared(proto), check_type=True, strict_mode=True)
             except Exception as e:  # noqa: BLE001
-                raise ModelError(f"{where}: inconsistent shapes or types ({_one_line(e)})") from None
+                raise ModelError(f"{where}: inconsistent shapes or types ({one_line(e)})") from None
     except ValueError as e:
         raise ModelError(f"{where}: {e}") from None
     _check_conv_shapes(inferred, model, where)
@@ -393,8 +392,3 @@ def _check_conv_attributes(node: onnx.NodeProto, name: str, w: list[int], where:
         value = attrs.get(key)
         if value is not None and (len(value) != length or not ok(value)):
             raise ModelError(f"{where}: Conv '{name}': {key}={value} must be {length} values {what}")
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] if text else type(e).__name__

@@ -31,6 +31,7 @@ from onnx.reference.op_run import OpRun
 
 from .core.bits import unpack_codebook
 from .core.conv import conv2d
+from .core.fit import decode
 
 DOMAIN = "com.onnxstack"
 OP_TYPE = "StackedBinaryConv"
@@ -64,8 +65,7 @@ def decode_weight(codebook: np.ndarray, indices: np.ndarray, scales: np.ndarray,
     d = books.shape[1]
     if not (s - 1) * d < channels <= s * d:
         raise ValueError(f"channels={channels} does not match s={s} slices of depth d={d}")
-    w = np.einsum("nsq,nsqd->nsd", np.broadcast_to(sc, idx.shape),
-                  books[idx.astype(np.int64)].reshape(N, s, idx.shape[2], -1))  # (N, s, d*kh*kw)
+    w = decode(books.reshape(len(books), -1), idx.astype(np.int64), sc)  # (N, s, d*kh*kw)
     return w.reshape(N, s * d, *books.shape[2:])[:, :channels]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from .analyse import ConvInfo
 from .config import CompressConfig
 from .core import cost
-from .core.fit import BinaryFit, fit_binary_codebook, relative_error, to_slices
+from .core.fit import BinaryFit, ceil_div, fit_binary_codebook, relative_error, to_slices
 from .errors import ConfigError
 
 
@@ -34,12 +34,14 @@ class LayerPlan:
     note: str | None = None
     bias: np.ndarray | None = field(default=None, repr=False, compare=False)  # new bias from calibration
     output_rel_error: float | None = None  # on calibration data: ||Y_hat - Y||^2 / ||Y - mean||^2
+    fitter: str = "weights"  # the fitter that made the plan (see fitters.py)
+    fallback: str | None = None  # why that fitter, when it is not the one the options asked for
 
     def with_fit(self, fit: BinaryFit, weight_rel_error: float, bias: np.ndarray | None,
-                 output_rel_error: float | None = None) -> "LayerPlan":
+                 output_rel_error: float | None = None, fitter: str | None = None) -> "LayerPlan":
         """The same layer with another fit (and a corrected bias, which the layer then stores)."""
         return replace(self, fit=fit, weight_rel_error=weight_rel_error, bias=bias,
-                       output_rel_error=output_rel_error)
+                       output_rel_error=output_rel_error, fitter=fitter or self.fitter)
 
     @property
     def stores_bias(self) -> bool:

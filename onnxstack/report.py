@@ -25,8 +25,10 @@ def layer_entry(info: ConvInfo, plan: LayerPlan | None) -> dict:
         "slice_dim": plan.slice_dim, "slices": plan.slices, "codebook_size": plan.codebook_size, "terms": plan.terms,
         "scale": plan.scale, "execution": plan.execution, "bits": bits["total"], "bits_by_part": bits,
         "original_bits": plan.original_bits(), "ratio": plan.original_bits() / bits["total"],
-        "weight_rel_error": plan.weight_rel_error, "macs_per_pixel": plan.macs_per_pixel(),
+        "weight_rel_error": plan.weight_rel_error, "macs_per_pixel": plan.macs_per_pixel(), "fitter": plan.fitter,
     })
+    if plan.fallback:  # fitted by something other than what the options asked for, and why
+        entry["fallback"] = plan.fallback
     if plan.output_rel_error is not None:  # calibrated: error against the original layer's outputs
         entry["output_rel_error"] = plan.output_rel_error
         entry["output_snr_db"] = float(-10 * math.log10(max(plan.output_rel_error, 1e-12)))
@@ -67,21 +69,23 @@ def build_report(layers: list[tuple[ConvInfo, LayerPlan | None]], original_bytes
 
 def format_table(report: dict) -> str:
     """Per-layer before/after table with totals."""
-    head = ["layer", "shape", "d", "m", "k", "form", "bits before", "bits after", "ratio", "SNR dB", "w.err"]
+    head = ["layer", "shape", "d", "m", "k", "fit", "form", "bits before", "bits after", "ratio", "SNR dB", "w.err"]
     rows = []
     for e in report["layers"]:
         shape = "x".join(map(str, e["shape"])) if e["shape"] else "?"
         if "skipped" in e:
             b = str(e.get("bits", "?"))
-            rows.append([e["name"], shape, "-", "-", "-", "skipped", b, b, "1.0", "-", e["skipped"]])
+            rows.append([e["name"], shape, "-", "-", "-", "-", "skipped", b, b, "1.0", "-", e["skipped"]])
         else:
-            rows.append([e["name"], shape, str(e["slice_dim"]), str(e["codebook_size"]), str(e["terms"]), e["execution"],
+            fit = e.get("fitter", "-") + ("*" if "fallback" in e else "")
+            rows.append([e["name"], shape, str(e["slice_dim"]), str(e["codebook_size"]), str(e["terms"]), fit,
+                         e["execution"],
                          str(e["original_bits"]), str(e["bits"]), f"{e['ratio']:.1f}",
                          f"{e['output_snr_db']:.1f}" if "output_snr_db" in e else "-", f"{e['weight_rel_error']:.3f}"])
     ratio = report["conv_ratio"]
-    rows.append(["total (convs)", "", "", "", "", "", str(report["conv_bits_original"]),
+    rows.append(["total (convs)", "", "", "", "", "", "", str(report["conv_bits_original"]),
                  str(report["conv_bits_compressed"]), f"{ratio:.1f}" if ratio else "-", "", ""])
-    rows.append(["file (bytes)", "", "", "", "", "", str(report["original_bytes"]), str(report["compressed_bytes"]),
+    rows.append(["file (bytes)", "", "", "", "", "", "", str(report["original_bytes"]), str(report["compressed_bytes"]),
                  f"{report['file_ratio']:.1f}" if report["file_ratio"] else "-", "", ""])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
     lines = []
@@ -89,4 +93,5 @@ def format_table(report: dict) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         if r is head:
             lines.append("-" * len(lines[0]))
+    lines += [f"* {e['name']}: {e['fallback']}" for e in report["layers"] if "fallback" in e]
     return "\n".join(lines)

@@ -296,16 +296,16 @@ def test_only_bad_layers_gives_one_clear_error(tmp_path):
 
 def test_non_finite_fit_is_refused_not_stored(monkeypatch):
     """Last line of defence: whatever the fit returns, NaN/Inf scales or bias never reach the file."""
-    import onnxstack.api as api
+    from onnxstack import fitters
 
-    real = api.plan_layer
+    real = fitters.FITTERS["binary", "weights"]
 
-    def broken(*args, **kwargs):
-        plan = real(*args, **kwargs)
+    def broken(job):
+        plan = real(job)
         plan.fit.scales[0, 0] = np.nan
         return plan
 
-    monkeypatch.setattr(api, "plan_layer", broken)
+    monkeypatch.setitem(fitters.FITTERS, ("binary", "weights"), broken)
     with pytest.raises(OnnxstackError, match="layer 'conv0': 1 fitted scales value.* NaN or Inf.*--skip conv0"):
         onnxstack.compress(conv_model([{"in": 16, "out": 16}]), CompressConfig(slice_dim=8))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .conv import resolve_pads
-from .fit import BinaryFit, _to_float16_range, fit_binary_codebook, to_slices
+from .fit import BinaryFit, _to_float16_range, ceil_div, decode, fit_binary_codebook, to_slices
 
 
 def output_size(in_hw, kernel, strides, pads, dilations):
@@ -107,7 +107,7 @@ class OutputMetric:
     def build(cls, stats: "LayerStats", n_out: int, channels: int, d: int, kernel: tuple[int, int],
               damp: float = 0.01) -> "OutputMetric":
         kh, kw = kernel
-        s, D = -(-channels // d), d * kh * kw
+        s, D = ceil_div(channels, d), d * kh * kw
         K, Kp = channels * kh * kw, s * D
         _, H, G, _ = stats.centred()
         Hp = np.zeros((Kp, Kp))
@@ -115,12 +115,10 @@ class OutputMetric:
         Hp[np.diag_indices(Kp)] += damp * max(float(np.mean(np.diag(H))), 1e-12)
         Gp = np.zeros((Kp, n_out))
         Gp[:K] = G
-        L = np.linalg.cholesky(Hp)
-        Hinv = np.linalg.solve(L.T, np.linalg.solve(L, np.eye(Kp)))
+        Hp, Hinv, U = _safe_inverse(Hp)
         Wstar = (Hinv @ Gp).T
-        U = np.linalg.cholesky(Hinv).T  # upper, H^-1 = U^T U
         blocks = U.reshape(s, D, s, D)[np.arange(s), :, np.arange(s)]  # (s, D, D) diagonal blocks
-        return cls(d, kernel, Hp, Wstar, U, np.linalg.inv(blocks))
+        return cls(d, kernel, Hp, Wstar, U, _safe_block_inverse(blocks))
 
 
 def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, terms: int = 1, rounds: int = 3,
@@ -128,7 +126,7 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
                      metric: OutputMetric | None = None) -> tuple[BinaryFit, np.ndarray]:
     """Per-slice-scale fit of weight (N, Cg, kh, kw) under the output metric; returns (fit, new bias (N,))."""
     N, cg, kh, kw = weight.shape
-    s, D = -(-cg // d), d * kh * kw
+    s, D = ceil_div(cg, d), d * kh * kw
     K, Kp = cg * kh * kw, s * D
     metric = metric or OutputMetric.build(stats, N, cg, d, (kh, kw), damp)
     mx, H, G, my = stats.centred()
@@ -139,7 +137,7 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
     best = None
     for _ in range(max(rounds, 1)):
         idx, alpha, targets = _sequential_pass(metric, B, terms)
-        What = _decode(B, idx, alpha).reshape(N, Kp)
+        What = decode(B, idx, alpha).reshape(N, Kp)
         err = float(_quad(What - Wstar, metric.H).sum())
         if best is None or err < best[0]:
             best = (err, B.copy(), idx, alpha)
@@ -147,26 +145,86 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
     _, B, idx, alpha = best
     if correct:
         # per-channel least-squares gain: min_g || g Xc w_i - Yc_i ||^2, folded into the scales
-        What = _decode(B, idx, alpha).reshape(N, Kp)[:, :K]
+        What = decode(B, idx, alpha).reshape(N, Kp)[:, :K]
         num = np.einsum("nk,kn->n", What, G)
         den = _quad(What, H)
         gain = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
         alpha = alpha * gain[:, None, None]
     alpha = _to_float16_range(alpha)
-    What = _decode(B, idx, alpha).reshape(N, Kp)[:, :K]
+    What = decode(B, idx, alpha).reshape(N, Kp)[:, :K]
     bias = my - What @ mx  # exact for the centred objective
     fit = BinaryFit(codebook=B.astype(np.int8), indices=idx.astype(np.int64), scales=alpha.astype(np.float32))
     return fit, bias.astype(np.float32)
 
 
+def fit_output_aware_filter(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, terms: int = 1,
+                            damp: float = 0.01, iterations: int = 20, seed: int = 0) -> tuple[BinaryFit, np.ndarray]:
+    """Per-filter-scale fit of weight (N, Cg, kh, kw) on calibration statistics; returns (fit, new bias (N,)).
+
+    The binary codebook is fitted (with per-filter scales) to W* = H^-1 G, the weight that best
+    reproduces the original outputs from the current inputs; then each filter's one scale gets the
+    least-squares gain against the original outputs, and the bias matches their mean."""
+    N, cg, kh, kw = weight.shape
+    s, D = ceil_div(cg, d), d * kh * kw
+    K, Kp = cg * kh * kw, s * D
+    metric = OutputMetric.build(stats, N, cg, d, (kh, kw), damp)
+    mx, H, G, my = stats.centred()
+    fit = fit_binary_codebook(to_slices(metric.Wstar.reshape(N, s * d, kh, kw).astype(np.float32), d), m,
+                              scale="filter", iterations=iterations, seed=seed, terms=terms)
+    What = fit.decode().astype(np.float64).reshape(N, Kp)[:, :K]
+    num = np.einsum("nk,kn->n", What, G)
+    den = _quad(What, H)
+    gain = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
+    scales = _to_float16_range(fit.scales * gain[:, None, None].astype(np.float32))
+    fit = BinaryFit(codebook=fit.codebook, indices=fit.indices, scales=scales)
+    What = fit.decode().astype(np.float64).reshape(N, Kp)[:, :K]
+    return fit, (my - What @ mx).astype(np.float32)
+
+
+def _safe_inverse(H: np.ndarray, tries: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H', H'^-1, U) with U upper and H'^-1 = U^T U, for H' = H plus the least extra damping that makes
+    both Cholesky factorisations succeed (H as given when it is well conditioned): a singular or
+    indefinite H (too few or duplicated calibration rows, dead inputs) is never an error."""
+    scale = max(float(np.mean(np.abs(np.diag(H)))), 1e-12)
+    extra = 0.0
+    for _ in range(tries):
+        Hd = H if extra == 0 else H + extra * scale * np.eye(len(H))
+        try:
+            L = np.linalg.cholesky(Hd)
+            Hinv = np.linalg.solve(L.T, np.linalg.solve(L, np.eye(len(H))))
+            U = np.linalg.cholesky(Hinv).T  # reads the lower triangle only
+            if np.isfinite(U).all():
+                return Hd, Hinv, U
+        except np.linalg.LinAlgError:
+            pass
+        extra = 1e-6 if extra == 0 else extra * 10
+    # last resort: the eigen-decomposition, eigenvalues floored (always succeeds for a finite H)
+    w, V = np.linalg.eigh((H + H.T) / 2)
+    w = np.maximum(w, 1e-3 * scale)
+    Hd = (V * w) @ V.T
+    Hinv = (V / w) @ V.T
+    return Hd, Hinv, np.linalg.cholesky((Hinv + Hinv.T) / 2).T
+
+
+def _safe_block_inverse(blocks: np.ndarray) -> np.ndarray:
+    """Inverses of the (s, D, D) triangular blocks; a singular one gets its pseudo-inverse."""
+    try:
+        return np.linalg.inv(blocks)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(blocks)
+
+
+def solve_small(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """Batched solve of (n, k, k) systems; where one is singular, the least-squares (pseudo-inverse) answer."""
+    try:
+        return np.linalg.solve(gram, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(gram) @ rhs
+
+
 def _quad(w, S):
     """Row-wise quadratic forms w_i^T S w_i for w (N, K), S (K, K), through BLAS."""
     return np.sum((w @ S) * w, axis=1)
-
-
-def _decode(B, idx, alpha):
-    """(N, s, D): sum_q alpha[..., q] * B[idx[..., q]]."""
-    return np.einsum("nsq,nsqd->nsd", alpha, B[idx])
 
 
 def _sequential_pass(metric: OutputMetric, B, terms):
@@ -197,7 +255,7 @@ def _sequential_pass(metric: OutputMetric, B, terms):
         if terms > 1:  # joint least-squares scales of the k terms
             Zq = Z[idx[:, j]]  # (N, k, D)
             gram = np.einsum("nqd,nrd->nqr", Zq, Zq) + 1e-9 * np.eye(terms)
-            alpha[:, j] = np.linalg.solve(gram, np.einsum("nqd,nd->nq", Zq, Y)[..., None])[..., 0]
+            alpha[:, j] = solve_small(gram, np.einsum("nqd,nd->nq", Zq, Y)[..., None])[..., 0]
         alpha[:, j] = alpha[:, j].astype(np.float16).astype(np.float64)
         targets[:, j] = Wc[:, jb]
         E = Wc[:, jb] - np.einsum("nq,nqd->nd", alpha[:, j], B[idx[:, j]])

@@ -59,14 +59,27 @@ class BinaryFit:
 
     def decode(self) -> np.ndarray:
         """(N, s, D) float32: sum_q alpha_ijq * B_pi(ijq)."""
-        scales = np.broadcast_to(self.scales, self.indices.shape)
-        return np.einsum("nsq,nsqd->nsd", scales, self.codebook[self.indices].astype(np.float32))
+        return decode(self.codebook.astype(np.float32), self.indices, self.scales)
+
+
+def decode(codebook: np.ndarray, indices: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """The one decode of a stacked binary weight: (N, s, D) = sum_q scales[n, s, q] * codebook[indices[n, s, q]].
+
+    codebook (m, D) of +-1 values, indices (N, s, k), scales (N, s, k) or (N, 1, k) (per filter); the
+    result has the dtype of codebook and scales. The torch bridge's decode is proven equal to this one."""
+    scales = np.broadcast_to(scales, indices.shape)
+    return np.einsum("nsq,nsqd->nsd", scales, codebook[indices])
+
+
+def ceil_div(a: int, b: int) -> int:
+    """ceil(a / b) for positive integers (slices of a layer: ceil_div(channels, d))."""
+    return -(-a // b)
 
 
 def to_slices(weight: np.ndarray, d: int) -> np.ndarray:
     """(N, C, kh, kw) -> (N, s, d*kh*kw), zero-padding C up to s*d."""
     N, C, kh, kw = weight.shape
-    s = -(-C // d)
+    s = ceil_div(C, d)
     padded = np.zeros((N, s * d, kh, kw), dtype=np.float32)
     padded[:, :C] = weight
     return padded.reshape(N, s, d * kh * kw)
@@ -164,7 +177,7 @@ def _alternate(slices, B, scale, terms, iterations, scratch):
 
 def _sample_filters(N: int, s: int, size: int, rng: np.random.Generator) -> np.ndarray | None:
     """Sorted indices of ceil(size / s) filters, or None where that is more than half of them."""
-    keep = -(-size // s)
+    keep = ceil_div(size, s)
     if 2 * keep > N:
         return None
     return np.sort(rng.choice(N, size=keep, replace=False))
@@ -282,7 +295,11 @@ def _assign(X, B, N, s, scale, terms, scratch):
     if scale == "slice":
         Z = B[idx]  # (n, k, D)
         gram = np.einsum("nqd,nrd->nqr", Z, Z) + 1e-6 * np.eye(terms)
-        alpha = np.linalg.solve(gram, np.einsum("nqd,nd->nq", Z, X)[..., None])[..., 0].astype(np.float32)
+        rhs = np.einsum("nqd,nd->nq", Z, X)[..., None]
+        try:
+            alpha = np.linalg.solve(gram, rhs)[..., 0].astype(np.float32)
+        except np.linalg.LinAlgError:  # a slice whose terms repeat one codeword: least squares
+            alpha = (np.linalg.pinv(gram) @ rhs)[..., 0].astype(np.float32)
     alpha = _to_float16_range(alpha)
     return idx, alpha, _error(X, B, idx, alpha)
 

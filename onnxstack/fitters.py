@@ -1,0 +1,160 @@
+"""The fit stage: a registry of fitters, and the pass that applies them layer by layer.
+
+A fitter turns one eligible layer into a LayerPlan. Fitters are keyed by (representation, method):
+
+    ("binary", "weights")  the weight alone: binary k-means (core.fit), parallel over layers
+    ("binary", "output")   calibration statistics of the layer's current inputs against the original
+                           outputs (core.calib): GPTQ-style per-slice fit, or for per-filter scales a fit
+                           to the least-squares weight plus a per-filter gain
+
+`choose` picks the fitter for a layer from the options (data or not) and the layer; when it cannot be
+the one the options ask for, it says why, and the reason travels in the plan to the report and the
+table. A new fitter is one function registered here plus a line in `choose`.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from . import calibrate
+from .analyse import ConvInfo
+from .config import CompressConfig
+from .core.calib import LayerStats, fit_output_aware, fit_output_aware_filter
+from .core.fit import from_slices, one_blas_thread, relative_error, to_slices
+from .plan import LayerPlan, plan_layer
+
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a fitter gets for one layer."""
+
+    info: ConvInfo
+    weight: np.ndarray
+    config: CompressConfig
+    stats: LayerStats | None = None  # calibration statistics (output-aware fitters only)
+
+
+FITTERS: dict[Key, Callable[[Job], LayerPlan]] = {}
+
+
+def register(representation: str, method: str):
+    def deco(fn: Callable[[Job], LayerPlan]):
+        FITTERS[representation, method] = fn
+        return fn
+    return deco
+
+
+def needs_data(key: Key) -> bool:
+    return key[1] == "output"
+
+
+def choose(info: ConvInfo, config: CompressConfig, calibrated: bool) -> tuple[Key, str | None]:
+    """The fitter for one eligible layer and, when it is not the one the options ask for, why."""
+    if not calibrated:
+        return ("binary", "weights"), None
+    if info.group != 1:
+        return ("binary", "weights"), (f"grouped conv (group={info.group}): the output-aware fit needs group=1, "
+                                       "so this layer is fitted to its weights only")
+    return ("binary", "output"), None
+
+
+@register("binary", "weights")
+def fit_weights(job: Job) -> LayerPlan:
+    return plan_layer(job.info, job.weight, job.config)
+
+
+@register("binary", "output")
+def fit_output(job: Job) -> LayerPlan:
+    info, w, config = job.info, job.weight, job.config
+    base = plan_layer(info, w, config, fit=False)
+    d, m, k = base.slice_dim, base.codebook_size, base.terms
+    if config.scale == "filter":
+        fit, bias = fit_output_aware_filter(w, job.stats, d, m, terms=k, damp=config.calibration_damp,
+                                            iterations=config.iterations, seed=config.seed)
+    else:
+        fit, bias = fit_output_aware(w, job.stats, d, m, terms=k, damp=config.calibration_damp,
+                                     iterations=config.iterations, seed=config.seed)
+    w_hat = from_slices(fit.decode(), info.shape[1], info.shape[2:]).reshape(info.shape[0], -1)
+    return base.with_fit(fit, relative_error(to_slices(w, d), fit), bias,
+                         output_rel_error=job.stats.relative_error(w_hat, bias), fitter="output")
+
+
+def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray] | None,
+               config: CompressConfig, targets: calibrate.Targets | None = None,
+               progress: Callable[[str], None] | None = None) -> dict[int, LayerPlan]:
+    """node index -> LayerPlan for every eligible Conv. Without data: weights-only fits in parallel. With
+    data: graph order, each layer on the inputs of the model compressed so far (see calibrate.py)."""
+    if feeds is None:
+        return _weights_only(model, infos, config, progress)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    todo = [i for i in infos if i.eligible]
+    targets = targets or calibrate.original_targets(model, todo, feeds, config)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    plans: dict[int, LayerPlan] = {}
+    done: dict[tuple, LayerPlan] = {}  # (weight, settings) -> plan: layers sharing a weight share a fit
+    for info in todo:
+        key = (info.weight_name, config.for_layer(info.name))
+        if key in done:
+            plan = done[key]
+        else:
+            fitter, reason = choose(info, config, calibrated=True)
+            stats = calibrate.layer_stats(work, info, feeds, targets) if needs_data(fitter) else None
+            plan = FITTERS[fitter](Job(info, weights[info.weight_name], config, stats))
+            if reason:
+                plan = _with_fallback(plan, reason)
+        done[key] = plans[info.node_index] = plan
+        calibrate.install(work, info, plan)
+        if progress:
+            progress(info.name)
+    return plans
+
+
+def _with_fallback(plan: LayerPlan, reason: str) -> LayerPlan:
+    from dataclasses import replace
+
+    return replace(plan, fallback=reason)
+
+
+def _weights_only(model, infos, config, progress) -> dict[int, LayerPlan]:
+    """Weights-only plans, layers in parallel threads (largest first; numpy releases the GIL in the
+    products that dominate a fit, each of which keeps BLAS to one thread). Layers sharing a weight and
+    settings share one fit. The result does not depend on the number of workers."""
+    weights = {t.name: t for t in model.graph.initializer}
+    users: dict[tuple, list[ConvInfo]] = {}  # (weight, settings) -> the layers that share one fit
+    for info in infos:
+        if info.eligible:
+            users.setdefault((info.weight_name, config.for_layer(info.name)), []).append(info)
+    order = sorted(users, key=lambda key: -int(np.prod(weights[key[0]].dims, dtype=np.int64)))
+    workers = min(_cpu_count(), len(order)) or 1
+    fitter = FITTERS["binary", "weights"]
+
+    def fit(key):
+        return fitter(Job(users[key][0], numpy_helper.to_array(weights[key[0]]), config))
+
+    by_node: dict[int, LayerPlan] = {}
+    with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(fit, key): key for key in order}
+        for future in as_completed(futures):
+            plan = future.result()
+            for info in users[futures[future]]:
+                by_node[info.node_index] = plan
+                if progress:
+                    progress(info.name)
+    return by_node
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,195 @@
+"""The compression pipeline, top-down: one function a stage, each over values it does not share.
+
+    load -> normalise -> analyse -> (opset) -> calibration data -> allocate -> fit -> rewrite -> report
+
+| stage      | module                      | in -> out                                                    |
+|------------|-----------------------------|--------------------------------------------------------------|
+| load       | load.py                     | path or ModelProto -> checked model (+ its external data)    |
+| normalise  | normalise.py                | model -> canonical model (constants folded, 1-D lifted)      |
+| analyse    | analyse.py                  | model, config -> ConvInfo per Conv (eligible, or a reason)   |
+| data       | data.py                     | dataset/arrays/path -> feeds checked against the inputs      |
+| allocate   | search.py                   | target ratio / max drop -> per-layer settings in the config  |
+| fit        | fitters.py (+ calibrate.py) | layers -> LayerPlan each (the fitter, and any fallback why)  |
+| rewrite    | rewrite.py                  | model + plans -> model with StackedBinaryConv nodes          |
+| report     | report.py                   | plans + sizes -> the report dict and table                   |
+
+`onnxstack.compress` (api.py) calls `run`; nothing below imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from . import __version__, op
+from .analyse import ConvInfo, analyse
+from .config import CompressConfig
+from .core.fit import ceil_div
+from .errors import ConfigError, NothingToCompressError, OnnxstackError, one_line
+from .fitters import fit_layers
+from .load import check_model, load_model_and_data_files, model_bytes
+from .normalise import default_opset, normalise, upgrade_checked
+from .plan import LayerPlan
+from .report import SUMMARY_KEYS, build_report
+from .rewrite import rewrite
+from .search import Candidates, hold_out, layer_candidates_all, search_ratio
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Source:
+    """The model after the load and normalise stages, with where it came from."""
+
+    model: onnx.ModelProto
+    path: object  # Path | None
+    data_files: tuple
+    original_bytes: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The allocate stage's answer: the config every layer is fitted under, and what the search recorded."""
+
+    config: CompressConfig
+    infos: list[ConvInfo]
+    candidates: Candidates | None = None
+    record: dict = field(default_factory=dict)
+    feeds: dict | None = None  # the calibration feeds the fit uses (less a held-out part under max drop)
+
+
+def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | None = None,
+        max_drop: float | None = None, progress: Progress | None = None):
+    """(compressed model, report, config used, source): the stages in order."""
+    source = load_stage(model_or_path)
+    model = source.model
+    infos = analyse(model, config)
+    require_eligible(infos)
+    if default_opset(model) < op.MIN_OPSET:
+        model = upgrade_checked(model)
+        infos = analyse(model, config)
+    feeds, labels = calibration_data(data, model, config.seed) if data is not None else (None, None)
+    settings = allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, source.original_bytes)
+    plans = fit_stage(model, settings, progress)
+    out, report = assemble(model, settings.infos, plans, settings.config, source.original_bytes)
+    report.update({"calibrated": feeds is not None, **settings.record})
+    return out, report, settings.config, source
+
+
+def load_stage(model_or_path) -> Source:
+    model, path, data_files = load_model_and_data_files(model_or_path)
+    original_bytes = model_bytes(model)
+    return Source(normalise(model), path, data_files, original_bytes)
+
+
+def allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, original_bytes) -> Settings:
+    """The config as given, or with the per-layer settings the target ratio or the maximum drop calls for."""
+    check_search_options(config, feeds, target_ratio, max_drop)
+    if target_ratio is None and max_drop is None:
+        check_codebook_sizes(infos, config)
+        return Settings(config, infos, feeds=feeds)
+    record: dict = {}
+    held_out = None
+    if max_drop is not None:
+        feeds, held_out = hold_out(feeds, labels, config.seed)
+    candidates = layer_candidates_all(model, infos, feeds, config)
+    if max_drop is not None:
+        def build(cfg):
+            s = Settings(cfg, analyse(model, cfg), candidates, feeds=feeds)
+            return assemble(model, s.infos, fit_stage(model, s), cfg, original_bytes)
+        target_ratio, record["search"] = search_ratio(model, candidates, held_out, config, max_drop, build)
+    config, record["allocation"] = candidates.settings(config, target_ratio)
+    record["target_ratio"] = target_ratio
+    infos = analyse(model, config)
+    check_codebook_sizes(infos, config)
+    return Settings(config, infos, candidates, record, feeds)
+
+
+def fit_stage(model, settings: Settings, progress: Progress | None = None) -> list[tuple[ConvInfo, LayerPlan | None]]:
+    """A plan for every eligible layer (calibrated when the settings carry feeds), None for the others."""
+    infos, feeds = settings.infos, settings.feeds
+    total = sum(i.eligible for i in infos)
+    counter = iter(range(1, total + 1))
+    report_progress = (lambda name: progress(next(counter), total, name)) if progress else None
+    targets = settings.candidates.targets if settings.candidates is not None and feeds is not None else None
+    by_node = fit_layers(model, infos, feeds, settings.config, targets, report_progress)
+    return [(info, by_node.get(info.node_index)) for info in infos]
+
+
+def assemble(model, infos, layers, config, original_bytes) -> tuple[onnx.ModelProto, dict]:
+    """The rewrite and report stages: the rewritten, checked model and its report."""
+    summary = build_report(layers, original_bytes, 0)
+    metadata = {
+        "onnxstack.version": __version__,
+        "onnxstack.config": config.to_json(),
+        "onnxstack.report": json.dumps({k: summary[k] for k in SUMMARY_KEYS}),
+    }
+    out = rewrite(model, [(i, p) for i, p in layers if p is not None], metadata)
+    try:
+        check_model(out, full_check=True)
+    except Exception as e:  # noqa: BLE001 - a failure here is our bug, reported as such
+        raise OnnxstackError(f"internal error: the rewritten model fails the ONNX checker: {one_line(e)}") from None
+    return out, build_report(layers, original_bytes, model_bytes(out))
+
+
+# --- checks made before any work -------------------------------------------------------------------
+
+
+def require_eligible(infos: list[ConvInfo]) -> None:
+    if any(i.eligible for i in infos):
+        return
+    if not infos:
+        raise NothingToCompressError("the model has no Conv node")
+    reasons = sorted({i.reason for i in infos})
+    raise NothingToCompressError(f"no eligible Conv among {len(infos)}: {'; '.join(reasons)[:300]}")
+
+
+def check_search_options(config: CompressConfig, feeds, target_ratio, max_drop) -> None:
+    if target_ratio is None and max_drop is None:
+        return
+    if feeds is None:
+        raise ConfigError("choosing settings per layer (target ratio, max drop) needs calibration data (--data)")
+    if target_ratio is not None and max_drop is not None:
+        raise ConfigError("give a target ratio or a maximum drop, not both")
+    if target_ratio is not None and not target_ratio > 1:
+        raise ConfigError(f"target ratio must be > 1, got {target_ratio}")
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise ConfigError(f"max drop must be in [0, 100] points, got {max_drop}")
+    if config.codebook_size is not None:
+        raise ConfigError("a target ratio or maximum drop chooses the codebook size per layer; "
+                          "leave the codebook size unset (or give per-layer settings without a target)")
+
+
+def check_codebook_sizes(infos: list[ConvInfo], config: CompressConfig) -> None:
+    """An explicit m must fit every layer it applies to (checked before any work is done)."""
+    for info in infos:
+        settings = config.for_layer(info.name)
+        if info.eligible and settings.codebook_size is not None:
+            n_slices = info.shape[0] * ceil_div(info.shape[1], settings.slice_dim)
+            if settings.codebook_size > n_slices:
+                raise ConfigError(f"codebook size m={settings.codebook_size} exceeds the {n_slices} slices of layer "
+                                  f"'{info.name}' (weight {list(info.shape)}, d={settings.slice_dim}); "
+                                  f"use m <= {n_slices} or skip the layer")
+
+
+def calibration_data(data, model: onnx.ModelProto, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Calibration arrays keyed by input name, checked against the model (finite values), and labels if any."""
+    from .data import Dataset, from_arrays, load_data
+    from .errors import DataError
+
+    if isinstance(data, dict):
+        data = from_arrays(data, model)
+    elif not isinstance(data, Dataset):
+        data = load_data(data, model, limit=1000, seed=seed)
+    feeds, labels = data.arrays()
+    for name, arr in feeds.items():
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = int(arr.size - np.isfinite(arr).sum())
+            samples = int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum())
+            raise DataError(f"calibration data for input '{name}' holds {bad} NaN or Inf value(s) in {samples} of "
+                            f"{len(arr)} samples; clean or drop those samples")
+    return feeds, labels
