@@ -161,6 +161,58 @@ def test_resume_refuses_another_model(models, tmp_path):
         finetune(other, teacher, (x, labels), config=FinetuneConfig(epochs=1), checkpoint=ckpt, resume=True)
 
 
+def test_checkpoint_is_written_atomically_and_damage_is_refused(models, tmp_path):
+    from onnxstack.torch_bridge.checkpoint import fingerprint, load_checkpoint, save_checkpoint
+
+    _, compressed, _, _ = models
+    student = build_module(compressed)
+    optimizer = torch.optim.AdamW(student.parameters())
+    path = tmp_path / "run.ckpt"
+    save_checkpoint(path, fingerprint=fingerprint(compressed), config={}, student=student, optimizer=optimizer,
+                    history=[{"epoch": 0}], best=None, position={"epoch": 0, "step": 0})
+    assert [p.name for p in tmp_path.iterdir()] == ["run.ckpt"]  # no temporary file left beside it
+    ckpt = load_checkpoint(path, device=torch.device("cpu"), fingerprint=fingerprint(compressed))
+    assert ckpt["history"] == [{"epoch": 0}] and ckpt["position"] == {"epoch": 0, "step": 0}
+    with pytest.raises(OnnxstackError, match="checkpoint of another compressed model"):
+        load_checkpoint(path, device=torch.device("cpu"), fingerprint="0" * 16)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(OnnxstackError, match="not a readable checkpoint"):
+        load_checkpoint(path, device=torch.device("cpu"), fingerprint=fingerprint(compressed))
+    with pytest.raises(OnnxstackError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.ckpt", device=torch.device("cpu"), fingerprint="")
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    from onnxstack.torch_bridge.optim import lr_factor
+
+    warm = 0.1
+    assert lr_factor(0.0, warm) == pytest.approx(1e-3 / (warm + 1e-3))
+    assert lr_factor(warm, warm) == pytest.approx(1.0)
+    assert lr_factor(1.0, warm) == pytest.approx(0.0, abs=1e-12) and lr_factor(2.0, warm) == lr_factor(1.0, warm)
+    rates = [lr_factor(p, warm) for p in np.linspace(warm, 1, 20)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+def test_scoreboard_keeps_the_best_epoch():
+    from onnxstack.torch_bridge.evaluate import Scoreboard, heldout_record
+
+    module = torch.nn.Linear(2, 2)
+    board = Scoreboard()
+    t = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], np.float32)  # teacher: classes 1, 0, 1
+    labels = np.array([1, 0, 0])
+    board.add(heldout_record(0, t[:, ::-1].copy(), t, labels), module)  # agreement 0, accuracy 1/3
+    with torch.no_grad():
+        module.weight.fill_(7.0)
+    board.add(heldout_record(1, t, t, labels), module)  # agreement 1, accuracy 2/3
+    with torch.no_grad():
+        module.weight.fill_(9.0)  # the kept state is a copy
+    board.add(heldout_record(2, t * 0.5, t, labels, partial=True), module)  # same accuracy, larger kl
+    r = board.history[1]
+    assert r["agreement"] == 1.0 and r["accuracy"] == pytest.approx(2 / 3) and r["samples"] == 3 and r["kl"] < 1e-6
+    assert board.history[2]["partial"] and board.best["epoch"] == 1
+    assert torch.equal(board.best["state"]["weight"], torch.full((2, 2), 7.0))
+
+
 def test_time_limit_stops_early(models):
     teacher, compressed, x, labels = models
     result = finetune(compressed, teacher, (x, labels), config=FinetuneConfig(epochs=50, batch_size=8, max_minutes=2e-3))

@@ -260,6 +260,42 @@ def test_layer_matches_numpy_reference(case):
         assert back[role].dtype == t[role].dtype
 
 
+DECODE_CASES = [  # N, C, d, kernel, m: padding where d does not divide C, none where it does
+    (5, 20, 8, (3, 3), 11),
+    (4, 7, 3, (1, 1), 5),
+    (3, 16, 16, (3, 2), 9),
+    (6, 12, 4, (2, 2), 17),
+]
+
+
+@pytest.mark.parametrize("scale", ["slice", "filter"])
+@pytest.mark.parametrize("terms", [1, 2])
+@pytest.mark.parametrize("N, C, d, kernel, m", DECODE_CASES)
+def test_torch_decode_equals_numpy_decode(N, C, d, kernel, m, terms, scale):
+    """The bridge's one torch decode (layers.decode_weight, and so the layer's weight()) equals the numpy
+    decode BinaryFit.decode followed by from_slices, for 1 and 2 terms and per-slice / per-filter scales."""
+    from onnxstack.core.fit import BinaryFit, from_slices
+    from onnxstack.torch_bridge.layers import decode_weight
+
+    rng = np.random.default_rng([N, C, d, m, terms])
+    kh, kw = kernel
+    s, D = -(-C // d), d * kh * kw
+    codebook = np.where(rng.standard_normal((m, D)) > 0, 1, -1).astype(np.int8)  # (m, D)
+    indices = rng.integers(0, m, (N, s, terms))  # (N, s, k)
+    scales = rng.standard_normal((N, s if scale == "slice" else 1, terms)).astype(np.float16)  # (N, s|1, k)
+    expected = from_slices(BinaryFit(codebook, indices, scales.astype(np.float32)).decode(), C, kernel)
+    assert expected.shape == (N, C, kh, kw)
+
+    got = decode_weight(torch.from_numpy(codebook.astype(np.float32).reshape(m, d, kh, kw)), torch.from_numpy(indices),
+                        torch.from_numpy(scales.astype(np.float32)), C)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-6)
+
+    forms = [(indices, scales)] + ([(indices[:, :, 0], scales[:, :, 0])] if terms == 1 else [])  # + the rank-2 form
+    for idx, sc in forms:
+        layer = StackedBinaryConv2d(pack_codebook(codebook, (d, kh, kw)), idx.astype(index_dtype(m)), sc, channels=C)
+        np.testing.assert_allclose(layer.weight().detach().numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_reassign_keeps_the_best_indices():
     t, attrs, cg = stored(N=8, C=8, k=3, d=4, m=8)
     layer = StackedBinaryConv2d(t["codebook"], t["indices"], t["scales"], channels=cg, **attrs)

@@ -1,7 +1,7 @@
 """The trainable StackedBinaryConv: a real-valued latent codebook learned through sign().
 
     B       = sign(latent)                          (M', d, kh, kw), +-1; sign(0) = -1 as packed
-    W_hat   = sum_q scales[:, :, q] B[indices[:, :, q]]   (N, s, d, kh, kw) -> (N, s*d, kh, kw)[:, :channels]
+    W_hat   = sum_q scales[:, :, q] B[indices[:, :, q]]   (N, s, d, kh, kw) -> (N, s*d, kh, kw)[:, :channels]  (decode_weight)
     Y       = Conv(X, W_hat, bias)                  ONNX Conv attributes of the node
 
 indices (N, s) / scales (N, s|1) hold one codeword a slice (the paper's form); (N, s, k) / (N, s|1, k)
@@ -44,6 +44,22 @@ def round_f16(t: torch.Tensor) -> torch.Tensor:
     """t rounded to the nearest float16 (clamped to its range); the gradient passes unchanged."""
     q = t.detach().clamp(-F16_MAX, F16_MAX).to(torch.float16).to(t.dtype)
     return t + (q - t.detach())
+
+
+def decode_weight(codewords: torch.Tensor, indices: torch.Tensor, scales: torch.Tensor, channels: int) -> torch.Tensor:
+    """W_hat = sum_q scales[:, :, q] B[indices[:, :, q]] as a Conv weight: the bridge's one decode.
+
+    codewords B (M', d, kh, kw) +-1; indices (N, s, k) int64; scales (N, s, k) per slice or (N, 1, k)
+    per filter. Slice j fills channels [j d, (j + 1) d) of each filter; the padding channels past
+    `channels` are dropped: (N, s, D) -> (N, channels, kh, kw), D = d kh kw. Differentiable in
+    codewords and scales. Equals core.fit's BinaryFit.decode followed by from_slices (a test checks).
+    """
+    N, s, k = indices.shape
+    M, d = codewords.shape[:2]
+    books = codewords.reshape(M, -1)  # (M', D)
+    scales = scales.expand(N, s, k).unsqueeze(2)  # (N, s, 1, k)
+    w = torch.matmul(scales, books[indices])  # (N, s, 1, D): the scaled sum of the terms
+    return w.reshape(N, s * d, *codewords.shape[2:])[:, :channels]
 
 
 class StackedBinaryConv2d(nn.Module):
@@ -92,12 +108,8 @@ class StackedBinaryConv2d(nn.Module):
         return SignSTE.apply(self.latent)
 
     def weight(self) -> torch.Tensor:
-        """The decoded weight (N, channels, kh, kw)."""
-        N, s, k = self.indices.shape
-        books = self.codewords().reshape(len(self.latent), -1)  # (M', D)
-        scales = round_f16(self.scales).expand(N, s, k).unsqueeze(2)  # (N, s, 1, k)
-        w = torch.matmul(scales, books[self.indices])  # (N, s, 1, D): the scaled sum of the terms
-        return w.reshape(N, s * self.slice_dim, *self.latent.shape[2:])[:, : self.channels]
+        """The decoded weight (N, channels, kh, kw), with the scales the stored float16 holds."""
+        return decode_weight(self.codewords(), self.indices, round_f16(self.scales), self.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return conv_nd(x, self.weight(), self.bias, **self.conv)
@@ -113,7 +125,8 @@ class StackedBinaryConv2d(nn.Module):
         return padded.reshape(N, s, -1)
 
     def _terms(self) -> torch.Tensor:
-        """Each term's decoded slice scales[i, j, q] B[indices[i, j, q]]: (N, s, k, D)."""
+        """Each term's scaled codeword scales[i, j, q] B[indices[i, j, q]]: (N, s, k, D), detached, float32
+        scales (the residuals init_latent and reassign fit against; the weight itself is decode_weight's)."""
         N, s, k = self.indices.shape
         books = self.codewords().detach().reshape(len(self.latent), -1)
         return self.scales.detach().expand(N, s, k).unsqueeze(-1) * books[self.indices]
