@@ -28,7 +28,7 @@ import onnx
 from . import op
 from .runtime import open_session, with_outputs
 from .data import Dataset, model_inputs
-from .errors import ConfigError, DataError, ModelError
+from .errors import ConfigError, DataError, ModelError, one_line
 from .load import load_model
 
 WARMUP_RUNS = 3
@@ -178,7 +178,7 @@ def _run(session, feeds: dict[str, np.ndarray], which: str) -> list[np.ndarray]:
         return session.run(None, feeds)
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         shapes = ", ".join(f"'{k}' {v.shape}" for k, v in feeds.items())
-        message = " ".join(str(e).split())[:300]
+        message = one_line(e)
         raise DataError(f"onnxruntime cannot run the {which} model on {shapes}: {message}") from None
 
 

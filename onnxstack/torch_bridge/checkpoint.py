@@ -15,7 +15,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..errors import OnnxstackError
+from ..errors import OnnxstackError, one_line
 
 CHECKPOINT_VERSION = 1
 
@@ -45,7 +45,7 @@ def load_checkpoint(path: str | os.PathLike | None, *, device: torch.device, fin
     try:
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # noqa: BLE001 - a damaged file
-        raise OnnxstackError(f"{path}: not a readable checkpoint ({' '.join(str(e).split())[:200]})") from None
+        raise OnnxstackError(f"{path}: not a readable checkpoint ({one_line(e, 200)})") from None
     if ckpt.get("version") != CHECKPOINT_VERSION or ckpt.get("fingerprint") != fingerprint:
         raise OnnxstackError(f"{path}: checkpoint of another compressed model or onnxstack version; "
                              "delete it or drop --resume")

@@ -65,7 +65,7 @@ class Scoreboard:
 
 def onnx_metrics(model: onnx.ModelProto, held: Samples) -> dict:
     """Top-1 accuracy / agreement of the written model in onnxruntime on the held-out data."""
-    from ..api import open_session
+    from ..runtime import open_session
 
     session = open_session(model)
     names = [o.name for o in session.get_outputs()]

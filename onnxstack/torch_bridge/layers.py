@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ..core.bits import pack_codebook, unpack_codebook
+from ..core.fit import F16_MAX
 from .ops import conv_nd
 
-F16_MAX = float(np.finfo(np.float16).max)
 
 
 class SignSTE(torch.autograd.Function):
