@@ -17,14 +17,14 @@ Two questions, one machinery:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .analyse import ConvInfo
+from .analyse import ConvInfo, analyse
 from .calibrate import Targets, original_targets
 from .config import CompressConfig, LayerOverride
 from .core import cost
@@ -35,13 +35,23 @@ from .runtime import predict_top1
 
 log = logging.getLogger("onnxstack")
 
-SLICE_DIMS = (4, 8, 16, 32)
-CODEBOOK_SIZES = (16, 64, 256)
+SLICE_DIMS = (1, 2, 4, 8, 16, 32, 64)
+TERMS = (1, 2, 3, 4)
+CODEBOOK_SIZES = (16, 64, 256, 1024, 4096)
+RUNGS = tuple(2.0 ** (k / 2) for k in range(2, 19))  # conv ratios 2x ... 512x, sqrt(2) apart
+PER_RUNG = 2  # candidates kept per rung and layer
+MAX_CODEBOOK_BYTES = 64 << 20  # the codebook update's (m, D, D) float64 metric
+MAX_FIT_MACS = 4e9  # multiply-adds of one candidate's fit (weights x codewords x terms)
+REFERENCE_RATIO = 32  # the candidate whose end-to-end damage measures a layer's sensitivity
+SENSITIVITY_SAMPLES = 64
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One way to store a layer; slice_dim 0 means: keep it dense."""
+    """One way to store a layer; slice_dim 0 means: keep it dense.
+
+    damage: the layer's relative output error on the original inputs, times the layer's sensitivity (how
+    much the model's outputs move per unit of it, measured end to end; see `sensitivities`)."""
 
     slice_dim: int
     codebook_size: int
@@ -55,18 +65,40 @@ class Candidate:
 
 
 def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, int, int]]:
-    """(d, m, k) worth trying for one layer: d up to its channels, m powers of two up to its slices / 2,
-    k = 1 or 2 terms."""
-    n, cg = info.shape[:2]
-    pairs = []
+    """(d, m, k) worth trying for one layer: a ladder of stored sizes with no holes.
+
+    Every (d, k) with d up to the layer's channels and k up to 4 terms, each with the codebook size of the
+    config's rule (slices / slices_per_codeword, a power of two) and, where the index stays a byte or the
+    codewords are short, the next sizes up to 4096 (uint16 indices); then per rung of conv ratio (sqrt(2)
+    apart) the PER_RUNG candidates that spend the most bits on the codebook and indices rather than scales
+    (the terms and codewords that carry information). Cost of the search: about that many fits a layer."""
+    n, cg, kh, kw = info.shape
+    has_bias = True  # calibration stores a corrected bias
+    dense = cost.dense_bits(n, cg, kh, kw, has_bias)
+    rungs: dict[int, list[tuple[float, tuple[int, int, int]]]] = {}
     for d in SLICE_DIMS:
         if d > cg:
             continue
-        slices = n * ceil_div(cg, d)
-        for m in CODEBOOK_SIZES:
-            if m <= max(2, slices // 2):
-                pairs += [(d, m, 1), (d, m, 2)]
-    return pairs
+        D, slices = d * kh * kw, n * ceil_div(cg, d)
+        sizes = [m for m in CODEBOOK_SIZES if 2 <= m <= max(2, slices // 2) and m <= 1 << D
+                 and m * D * D * 8 <= MAX_CODEBOOK_BYTES]
+        for m in sizes:
+            for k in TERMS:
+                if m != sizes[0] and n * cg * kh * kw * m * k > MAX_FIT_MACS:
+                    continue
+                bits = cost.compressed_bits(n, ceil_div(cg, d), d, kh, kw, m, config.scale, has_bias, k)
+                ratio = dense / bits["total"]
+                if ratio < 1.5:
+                    continue
+                rung = int(np.argmin([abs(np.log(ratio / r)) for r in RUNGS]))
+                useful = (bits["codebook"] + bits["indices"]) / bits["total"]
+                rungs.setdefault(rung, []).append((useful, d, (d, m, k)))
+    grid = []
+    for rung in sorted(rungs):  # per rung: the most informative candidate, and the one with the longest slices
+        options = rungs[rung]
+        picks = [max(options)[2], max(options, key=lambda o: (o[1], o[0]))[2]]
+        grid += list(dict.fromkeys(picks))[:PER_RUNG]
+    return grid
 
 
 def damage(weight: np.ndarray, fit, new_bias: np.ndarray, stats: LayerStats) -> float:
@@ -76,10 +108,13 @@ def damage(weight: np.ndarray, fit, new_bias: np.ndarray, stats: LayerStats) -> 
 
 
 def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,
-                     config: CompressConfig) -> list[Candidate]:
+                     config: CompressConfig) -> tuple[list[Candidate], dict]:
+    """The layer's candidates with their (layer-local) damage, and the decoded weight and bias of the one
+    nearest REFERENCE_RATIO (to measure the layer's end-to-end sensitivity with)."""
     out = []
     n, cg, kh, kw = weight.shape
-    metrics = {}
+    dense_bits = cost.dense_bits(n, cg, kh, kw, bias is not None)
+    metrics, ref = {}, None
     for d, m, k in candidate_grid(info, config):
         if d not in metrics:
             metrics[d] = OutputMetric.build(stats, n, cg, d, (kh, kw), config.calibration_damp)
@@ -91,8 +126,44 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
                                              seed=config.seed, rounds=1, metric=metrics[d])
         bits = cost.compressed_bits(n, ceil_div(cg, d), d, kh, kw, m, config.scale, True, k)["total"]
         out.append(Candidate(d, m, k, bits, damage(weight, fit, new_bias, stats)))
-    out.append(Candidate(0, 0, 0, cost.dense_bits(n, cg, kh, kw, bias is not None), 0.0))
+        distance = abs(np.log(dense_bits / bits / REFERENCE_RATIO))
+        if out[-1].damage > 0 and (ref is None or distance < ref[0]):
+            ref = (distance, out[-1], from_slices(fit.decode(), cg, (kh, kw)), new_bias)
+    out.append(Candidate(0, 0, 0, dense_bits, 0.0))
+    return out, ({"candidate": ref[1], "weight": ref[2], "bias": ref[3]} if ref else {})
+
+
+def sensitivities(model: onnx.ModelProto, infos: dict[str, ConvInfo], refs: dict[str, dict],
+                  feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    """Per layer: how much the model's outputs move (relative squared error, summed over the outputs, on
+    up to SENSITIVITY_SAMPLES samples) when that layer alone takes its reference candidate, divided by
+    that candidate's layer-local damage. Layers whose errors the rest of the network amplifies (often
+    the first and the last) get large values, so the allocation gives them more bits."""
+    from .runtime import open_session
+
+    n = min(SENSITIVITY_SAMPLES, len(next(iter(feeds.values()))))
+    part = {k: v[:n] for k, v in feeds.items()}
+    reference = open_session(model).run(None, part)
+    out = {}
+    for name, ref in refs.items():
+        info = infos[name]
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        node = work.graph.node[info.node_index]
+        node.input[1] = _add(work, f"{info.weight_name}__probe", ref["weight"])
+        bias = _add(work, f"{info.weight_name}__probe_bias", ref["bias"])
+        node.input.extend([""] * (3 - len(node.input)))
+        node.input[2] = bias
+        moved = open_session(work).run(None, part)
+        err = sum(float(np.sum((a - b) ** 2) / max(np.sum((b - b.mean()) ** 2), 1e-30))
+                  for a, b in zip(moved, reference) if np.issubdtype(b.dtype, np.floating))
+        out[name] = err / ref["candidate"].damage
     return out
+
+
+def _add(model: onnx.ModelProto, name: str, value: np.ndarray) -> str:
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+    return name
 
 
 def allocate(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict[str, Candidate]:
@@ -154,6 +225,7 @@ class Candidates:
     fixed_bits: int  # layers that stay as they are
     total_bits: int  # all conv weights and biases, dense
     targets: Targets
+    sensitivity: dict = field(default_factory=dict)  # layer -> end-to-end output error per unit of its own
 
     @property
     def max_ratio(self) -> float:
@@ -169,17 +241,25 @@ class Candidates:
         choice = allocate(self.per_layer, budget)
         table = {name: {"slice_dim": c.slice_dim or None, "codebook_size": c.codebook_size or None,
                         "terms": c.terms or None, "dense": c.dense, "bits": c.bits, "damage": c.damage,
-                        "candidates": len(self.per_layer[name])} for name, c in choice.items()}
+                        "candidates": len(self.per_layer[name]), "sensitivity": self.sensitivity.get(name)}
+                 for name, c in choice.items()}
         return overrides_for(choice, config), table
 
 
 def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],
                          config: CompressConfig) -> Candidates:
-    """Fit every eligible layer under each candidate setting on the original inputs (one data pass)."""
+    """Fit every layer the search may compress under each candidate setting on the original inputs (one
+    data pass), and weigh each layer's damage by its measured end-to-end sensitivity.
+
+    Layers too thin for the config's slice depth (RGB and 1-channel stems) are candidates too, at the
+    slice depths they allow."""
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    todo = [i for i in infos if i.eligible]
+    wide = {i.node_index: i for i in analyse(model, replace(config, slice_dim=1))}
+    infos = [wide[i.node_index] if i.node_index in wide and not i.eligible and wide[i.node_index].eligible
+             and "slice depth" in (i.reason or "") else i for i in infos]
+    todo = [i for i in infos if i.eligible and i.group == 1]
     targets = original_targets(model, todo, feeds, config, with_stats=True)
-    fixed, total, cands, seen = 0, 0, {}, set()
+    fixed, total, cands, refs, seen = 0, 0, {}, {}, set()
     for info in infos:
         if info.weight_name in seen or not info.shape or len(info.shape) != 4:
             continue
@@ -190,11 +270,18 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
             fixed += dense
             continue
         bias = weights[info.bias_name] if info.bias_name else None
-        cands[info.name] = layer_candidates(info, weights[info.weight_name], bias,
-                                            targets.stats[info.node_index], config)
+        cands[info.name], ref = layer_candidates(info, weights[info.weight_name], bias,
+                                                 targets.stats[info.node_index], config)
+        if ref:
+            refs[info.name] = ref
     if not cands:
         raise ConfigError("choosing settings per layer needs at least one eligible Conv with group=1")
-    return Candidates(cands, fixed, total, targets)
+    gains = sensitivities(model, {i.name: i for i in todo}, refs, feeds)
+    typical = float(np.median(list(gains.values()))) if gains else 1.0
+    for name, options in cands.items():
+        gain = float(np.clip(gains.get(name, typical), 1e-3 * typical, 1e3 * typical))
+        cands[name] = [replace(c, damage=c.damage * gain) for c in options]
+    return Candidates(cands, fixed, total, targets, gains)
 
 
 RATIO_GRID = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
