@@ -1,14 +1,13 @@
 """`onnxstack compress | inspect`: parse options, call the API, print tables, map errors to exit codes.
 
-Exit codes: 0 success, 1 a problem with the input or options (one line on stderr), 2 usage errors.
+Exit codes: 0 success, 1 a problem with the input (one line on stderr), 2 usage errors (bad options, values
+out of range or in conflict; the message names the flags).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -20,36 +19,8 @@ from onnxstack.errors import ConfigError, OnnxstackError, OutputError
 from onnxstack.io import check_output_path, write_bytes_atomic
 from onnxstack.report import format_table
 
+from .common import LazyBar, UsageError, fail, handle_errors, option_error
 from .options import image_options, make_image_options
-
-
-def _fail(message: str, code: int = 1) -> None:
-    message = " ".join(str(message).split())  # always one line
-    click.echo(f"onnxstack: error: {message}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn):
-    """Turn onnxstack errors into one line and exit 1; never show a traceback for user mistakes."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except OnnxstackError as e:
-            _fail(str(e))
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
-        except MemoryError:
-            _fail("out of memory")
-        except (SystemExit, click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except Exception as e:  # noqa: BLE001 - a bug: still one line, never a traceback
-            if os.environ.get("ONNXSTACK_DEBUG"):
-                raise
-            _fail(f"internal error ({type(e).__name__}: {e}); please report it (ONNXSTACK_DEBUG=1 shows the traceback)")
-
-    return wrapper
 
 
 class OneLineErrors(click.Group):
@@ -61,11 +32,11 @@ class OneLineErrors(click.Group):
             return super().main(args, prog_name or "onnxstack", standalone_mode=False, **kwargs)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx else "onnxstack"
-            _fail(f"{e.format_message()} (see '{where} --help')", 2)
+            fail(f"{e.format_message()} (see '{where} --help')", 2)
         except click.ClickException as e:
-            _fail(e.format_message(), e.exit_code)
+            fail(e.format_message(), e.exit_code)
         except click.Abort:
-            _fail("aborted", 1)
+            fail("aborted", 1)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,9 +90,13 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
              seed, data_path, limit, target_ratio, max_drop, finetune_epochs, image_size, channels, pixel_scale, mean, std, layout,
              report_path, external_data, inline_functions, overwrite, quiet):
     """Compress every eligible Conv of MODEL."""
-    config = onnxstack.CompressConfig(
-        slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale, terms=terms,
-        execution=execution, skip=tuple(skip), iterations=iterations, seed=seed)
+    try:
+        config = onnxstack.CompressConfig(
+            slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale,
+            terms=terms, execution=execution, skip=tuple(skip), iterations=iterations, seed=seed)
+    except ConfigError as e:
+        raise option_error(e) from None
+    check_compress_options(data_path, target_ratio, max_drop, finetune_epochs)
     output = output or default_output(model)
     source = model if model.exists() else None
     check_output_path(output, overwrite=overwrite, source=source)
@@ -135,14 +110,10 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
 
         image_opts = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
         data = load_data(data_path, model, limit=limit, seed=seed, image_options=image_opts)
-    elif target_ratio is not None or max_drop is not None:
-        raise ConfigError("--target-ratio and --max-drop need calibration data: pass --data")
     if finetune_epochs is not None:
-        if data_path is None:
-            raise ConfigError("--finetune-epochs needs training inputs: pass --data")
         importlib.import_module("onnxstack.torch_bridge")  # fails in one line, before compressing, without torch
     result = onnxstack.compress(model, config, data=data, target_ratio=target_ratio, max_drop=max_drop,
-                                progress=None if quiet else _LazyBar("compressing"))
+                                progress=None if quiet else LazyBar("compressing"))
     if finetune_epochs is not None:
         from .finetune_cmd import finetune_after_compress
 
@@ -161,19 +132,18 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
 
 
-class _LazyBar:
-    """A progress callback whose bar appears with the first update (so early errors stay one line)."""
-
-    def __init__(self, label: str):
-        self.label, self.bar = label, None
-
-    def __call__(self, done: int, total: int, item: str = "") -> None:
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, item_show_func=lambda x: x)
-            self.bar.__enter__()
-        self.bar.update(1, item)
-        if done == total:
-            self.bar.__exit__(None, None, None)
+def check_compress_options(data_path, target_ratio, max_drop, finetune_epochs) -> None:
+    """Option values and combinations compress refuses before reading anything (usage errors, exit 2)."""
+    if target_ratio is not None and max_drop is not None:
+        raise UsageError("give --target-ratio or --max-drop, not both")
+    if target_ratio is not None and not target_ratio > 1:
+        raise UsageError(f"--target-ratio must be > 1, got {target_ratio:g}")
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise UsageError(f"--max-drop must be in [0, 100] points, got {max_drop:g}")
+    if data_path is None and (target_ratio is not None or max_drop is not None):
+        raise UsageError("--target-ratio and --max-drop need calibration data: pass --data")
+    if data_path is None and finetune_epochs is not None:
+        raise UsageError("--finetune-epochs needs training inputs: pass --data")
 
 
 @main.command()
@@ -183,7 +153,11 @@ class _LazyBar:
 @handle_errors
 def inspect(model, slice_dim, as_json):
     """List the Conv layers of MODEL, which are eligible, and why the others are not."""
-    infos = onnxstack.inspect(model, onnxstack.CompressConfig(slice_dim=slice_dim))
+    try:
+        config = onnxstack.CompressConfig(slice_dim=slice_dim)
+    except ConfigError as e:
+        raise option_error(e) from None
+    infos = onnxstack.inspect(model, config)
     rows = [_inspect_row(i) for i in infos]
     if as_json:
         click.echo(json.dumps(rows, indent=2))

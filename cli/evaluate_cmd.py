@@ -14,7 +14,7 @@ from onnxstack.evaluate import evaluate as run_evaluation
 from onnxstack.evaluate import format_evaluation
 from onnxstack.io import check_output_path, write_bytes_atomic
 
-from .app import handle_errors
+from .common import handle_errors
 from .options import image_options, make_image_options
 
 

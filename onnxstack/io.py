@@ -50,7 +50,7 @@ def check_output_path(out: str | os.PathLike, *, overwrite: bool, source: Path |
             what = "the input model" if src == source else f"a data file of the input model ({src.name})"
             raise OutputError(f"{out}: output is {what}; choose another path")
     if out.exists() and not overwrite:
-        raise OutputError(f"{out}: exists; pass --overwrite (overwrite=True) to replace it")
+        raise OutputError(f"{out}: exists; pass overwrite=True to replace it")
     if out.exists() and out.is_dir():
         raise OutputError(f"{out}: is a folder")
     if not out.parent.exists():

@@ -64,16 +64,69 @@ def test_existing_output_is_kept(model_path, tmp_path):
 
 
 @pytest.mark.parametrize("args,code,pattern", [
-    (["-d", "0"], 1, "slice_dim must be"),
-    (["-m", "1"], 1, "codebook_size must be"),
+    (["-d", "0"], 2, "-d/--slice-dim must be an integer in [1, 4096], got 0"),
+    (["-m", "1"], 2, "-m/--codebook-size must be an integer in [2, 65536], got 1"),
+    (["--max-codebook-size", "1"], 2, "--max-codebook-size must be"),
+    (["-k", "9"], 2, "-k/--terms must be an integer in [1, 4], got 9"),
+    (["--iterations", "5000"], 2, "--iterations must be in [0, 1000]"),
+    (["--target-ratio", "0.5", "--data", "x.npz"], 2, "--target-ratio must be > 1, got 0.5"),
+    (["--max-drop", "200", "--data", "x.npz"], 2, "--max-drop must be in [0, 100] points, got 200"),
+    (["--target-ratio", "10", "--max-drop", "1", "--data", "x.npz"], 2, "give --target-ratio or --max-drop, not both"),
+    (["--target-ratio", "10"], 2, "need calibration data: pass --data"),
+    (["--finetune-epochs", "1"], 2, "needs training inputs: pass --data"),
     (["-m", "5000", "-d", "8"], 1, "exceeds the"),
     (["-d", "64"], 1, "no eligible Conv"),
     (["--bogus"], 2, "No such option"),
     (["--scale", "row"], 2, "Invalid value"),
 ])
 def test_bad_options(model_path, tmp_path, args, code, pattern):
-    assert_one_line_error(run("compress", model_path, "-o", tmp_path / "o.onnx", *args), code, pattern)
+    result = run("compress", model_path, "-o", tmp_path / "o.onnx", *args)
+    assert_one_line_error(result, code, pattern)
+    import re
+
+    assert not re.search(r"(?<![-/\w])(slice_dim|codebook_size|max_codebook_size|terms|iterations)(?![-\w])",
+                         result.stderr) and "overwrite=True" not in result.stderr  # flags, not config fields
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_inspect_bad_slice_dim_is_a_usage_error(model_path):
+    assert_one_line_error(run("inspect", model_path, "-d", "0"), 2, "-d/--slice-dim must be")
+
+
+def test_existing_output_speaks_flags_in_the_cli_and_arguments_in_the_api(model_path, tmp_path):
+    import onnxstack
+
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"keep me")
+    result = run("compress", model_path, "-o", out, "-d", "8")
+    assert_one_line_error(result, 1, "exists; pass --overwrite to replace it")
+    assert "overwrite=True" not in result.stderr
+    with pytest.raises(onnxstack.OutputError, match="pass overwrite=True to replace it") as e:
+        onnxstack.compress(model_path, onnxstack.CompressConfig(slice_dim=8)).save(out)
+    assert "--overwrite" not in str(e.value)
+
+
+def test_cli_modules_import_no_circle():
+    """cli/app.py and the command modules share helpers through cli/common.py, not through each other."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "cli"
+    graph = {}
+    for path in folder.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module)
+        graph[path.stem] = deps
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph.get(start, ()))
+
+    circles = sorted(m for m in graph if reaches(m, m))
+    assert not circles, f"import circle through {circles}: {graph}"
 
 
 def test_output_equal_to_input(model_path):
@@ -134,7 +187,6 @@ def test_compress_with_data_and_target(model_path, tmp_path):
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["--target-ratio", "10"], "need calibration data"),
     (["--data", "missing.npz"], "missing.npz"),
 ])
 def test_data_errors(model_path, tmp_path, args, pattern):
