@@ -16,7 +16,7 @@ import click
 import onnxstack
 from onnxstack.analyse import ConvInfo
 from onnxstack.errors import ConfigError, OnnxstackError, OutputError
-from onnxstack.io import check_output_path, write_bytes_atomic
+from onnxstack.io import check_output_path, data_file_path, write_bytes_atomic
 from onnxstack.report import format_table
 
 from .common import LazyBar, UsageError, fail, handle_errors, option_error
@@ -118,7 +118,8 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         from .finetune_cmd import finetune_after_compress
 
         finetune_after_compress(result, model, data_path, finetune_epochs, image_opts, seed=seed, quiet=quiet)
-    result.save(output, overwrite=overwrite, external_data=external_data, inline_functions=inline_functions)
+    written = result.save(output, overwrite=overwrite, external_data=external_data, inline_functions=inline_functions)
+    describe_written_file(result.report, written)
     if report_path is not None:
         write_bytes_atomic(json.dumps(result.report, indent=2).encode(), report_path)
     if not quiet:
@@ -130,6 +131,24 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
             click.echo("note: the SNR column was measured after calibration, before fine-tuning; "
                        "`onnxstack evaluate` measures the written file.", err=True)
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
+
+
+def describe_written_file(report: dict, written: Path) -> None:
+    """Sizes in the report are those of the file on disk (with its external data file, if any): the model may
+    have changed since it was compressed (fine-tuning, inlined functions)."""
+    size = written.stat().st_size
+    data = data_file_path(written)
+    if data.exists() and _uses_external_data(written):  # not a stale one left by an earlier save
+        size += data.stat().st_size
+    report["compressed_bytes"] = size
+    report["file_ratio"] = report["original_bytes"] / size if size else None
+
+
+def _uses_external_data(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def check_compress_options(data_path, target_ratio, max_drop, finetune_epochs) -> None:

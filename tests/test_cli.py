@@ -200,3 +200,18 @@ def test_wrong_data_shape(model_path, tmp_path):
     data = tmp_path / "bad.npz"
     np.savez(data, input=np.zeros((4, 3, 12, 12), np.float32))
     assert_one_line_error(run("compress", model_path, "-o", tmp_path / "o.onnx", "--data", data), 1, "input 'input'")
+
+
+@pytest.mark.parametrize("extra", [[], ["--inline-functions"], ["--external-data", "--skip", "conv1"]])
+def test_report_and_table_give_the_written_file_size(model_path, tmp_path, extra):
+    import os
+
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = run("compress", model_path, "-o", out, "-d", "8", "--report", rep, *extra)
+    assert result.exit_code == 0, result.output
+    size = os.path.getsize(out) + (os.path.getsize(f"{out}.data") if "--external-data" in extra else 0)
+    report = json.loads(rep.read_text())
+    assert report["compressed_bytes"] == size
+    assert report["file_ratio"] == pytest.approx(report["original_bytes"] / size)
+    file_row = next(line for line in result.stdout.splitlines() if line.startswith("file (bytes)"))
+    assert file_row.split()[3] == str(size)
