@@ -109,6 +109,8 @@ def _info(node, name, index, context, reason) -> ConvInfo:
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     tensor = context.consts.get(weight)
     shape = tuple(tensor.dims) if tensor is not None else None
+    if shape is not None and len(shape) == 4:
+        attrs.setdefault("kernel_shape", list(shape[2:]))  # the rewritten node states it (see op.node_attributes)
     return ConvInfo(name, index, weight, bias, shape, int(attrs.get("group", 1)), attrs, reason)
 
 
