@@ -15,9 +15,10 @@ import click
 
 import onnxstack
 from onnxstack.analyse import ConvInfo
-from onnxstack.errors import ConfigError, OnnxstackError, OutputError
+from onnxstack.errors import ConfigError, ModelError, OutputError
 from onnxstack.io import check_output_path, data_file_path, write_bytes_atomic
-from onnxstack.report import format_table
+from onnxstack.load import load_model
+from onnxstack.report import already_compressed, compressed_summary, format_compressed, format_table
 
 from .common import LazyBar, UsageError, fail, handle_errors, option_error
 from .options import image_options, make_image_options
@@ -97,6 +98,7 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
     except ConfigError as e:
         raise option_error(e) from None
     check_compress_options(data_path, target_ratio, max_drop, finetune_epochs)
+    refuse_compressed(model)
     output = output or default_output(model)
     source = model if model.exists() else None
     check_output_path(output, overwrite=overwrite, source=source)
@@ -151,6 +153,20 @@ def _uses_external_data(path: Path) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
+def refuse_compressed(path: Path) -> None:
+    """One line, before any work, for a model that onnxstack compressed already. (Only the graph is read; a file
+    that cannot be read is left to compress, which says why.)"""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable model: compress reports it
+        return
+    reason = already_compressed(proto)
+    if reason:
+        raise ModelError(f"{path}: {reason}")
+
+
 def check_compress_options(data_path, target_ratio, max_drop, finetune_epochs) -> None:
     """Option values and combinations compress refuses before reading anything (usage errors, exit 2)."""
     if target_ratio is not None and max_drop is not None:
@@ -171,25 +187,33 @@ def check_compress_options(data_path, target_ratio, max_drop, finetune_epochs) -
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handle_errors
 def inspect(model, slice_dim, as_json):
-    """List the Conv layers of MODEL, which are eligible, and why the others are not."""
+    """List the Conv layers of MODEL, which are eligible, and why the others are not; for a compressed model,
+    its StackedBinaryConv layers and the report stored in its metadata."""
     try:
         config = onnxstack.CompressConfig(slice_dim=slice_dim)
     except ConfigError as e:
         raise option_error(e) from None
-    infos = onnxstack.inspect(model, config)
+    proto, _ = load_model(model)
+    infos = onnxstack.inspect(proto, config)
     rows = [_inspect_row(i) for i in infos]
+    compressed = compressed_summary(proto)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"convs": rows, "compressed": compressed}, indent=2))
         return
+    if compressed is not None:
+        click.echo(format_compressed(compressed))
+        if rows:
+            click.echo()
     if not rows:
-        click.echo("no Conv layers")
+        click.echo("no Conv layers" + (" left dense" if compressed else ""))
         return
     widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in ("name", "shape", "group", "weight_bytes")}
     click.echo("  ".join(k.ljust(w) for k, w in widths.items()) + "  status")
     for r in rows:
         click.echo("  ".join(str(r[k]).ljust(w) for k, w in widths.items()) + "  " +
                    ("eligible" if r["eligible"] else f"skipped: {r['reason']}"))
-    click.echo(f"{sum(r['eligible'] for r in rows)} of {len(rows)} Conv layers eligible")
+    left = " remaining" if compressed else ""
+    click.echo(f"{sum(r['eligible'] for r in rows)} of {len(rows)}{left} Conv layers eligible")
 
 
 def _inspect_row(info: ConvInfo) -> dict:

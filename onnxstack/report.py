@@ -90,3 +90,72 @@ def format_table(report: dict) -> str:
         if r is head:
             lines.append("-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def compressed_summary(model) -> dict | None:
+    """What onnxstack stored in an already compressed model (a ModelProto): its StackedBinaryConv layers and
+    the summary report of its metadata (`onnxstack.report`, `onnxstack.version`); None for a model without
+    StackedBinaryConv nodes."""
+    import json
+
+    from onnx import numpy_helper
+
+    from . import op
+
+    nodes = [n for n in model.graph.node if n.op_type == op.OP_TYPE and n.domain == op.DOMAIN]
+    if not nodes:
+        return None
+    tensors = {t.name: t for t in model.graph.initializer}
+    layers = []
+    for n in nodes:
+        attrs = {a.name: a for a in n.attribute}
+        book, idx = tensors.get(n.input[1]), tensors.get(n.input[2])
+        stored = [tensors[name] for name in n.input[1:] if name in tensors]
+        layers.append({
+            "name": n.name, "form": n.overload or "?",
+            "channels": attrs["channels"].i if "channels" in attrs else None,
+            "filters": int(idx.dims[0]) if idx is not None and idx.dims else None,
+            "slice_dim": int(book.dims[1]) if book is not None and len(book.dims) == 4 else None,
+            "codebook_size": 8 * int(book.dims[0]) if book is not None and book.dims else None,
+            "terms": int(idx.dims[2]) if idx is not None and len(idx.dims) == 3 else 1,
+            "stored_bytes": sum(numpy_helper.to_array(t).nbytes for t in stored)
+            if all(not t.external_data for t in stored) else None,
+        })
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        report = json.loads(meta["onnxstack.report"]) if "onnxstack.report" in meta else None
+    except ValueError:
+        report = None
+    return {"version": meta.get("onnxstack.version"), "layers": layers, "report": report}
+
+
+def already_compressed(model) -> str | None:
+    """Why a model cannot be compressed again (one line), or None. Compressing keeps StackedBinaryConv layers
+    as they are and has nothing left to do in them; the original model is the input to compress."""
+    summary = compressed_summary(model)
+    if summary is None:
+        return None
+    by = f"onnxstack {summary['version']}" if summary["version"] else "onnxstack"
+    return (f"the model is already compressed by {by} ({len(summary['layers'])} StackedBinaryConv layers); "
+            "compress the original model instead")
+
+
+def format_compressed(summary: dict) -> str:
+    """The compressed layers of a model and its stored report, as `inspect` prints them."""
+    head = ["layer", "form", "channels", "filters", "d", "m", "k", "stored bytes"]
+    keys = ["name", "form", "channels", "filters", "slice_dim", "codebook_size", "terms", "stored_bytes"]
+    rows = [[("?" if e[k] is None else str(e[k])) for k in keys] for e in summary["layers"]]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    by = f" by onnxstack {summary['version']}" if summary["version"] else ""
+    lines.append(f"{len(rows)} StackedBinaryConv layers (compressed{by})")
+    r = summary["report"]
+    if r:
+        ratio = r.get("conv_ratio")
+        lines.append(f"stored report (onnxstack.report): conv bits {r.get('conv_bits_original')} -> "
+                     f"{r.get('conv_bits_compressed')}" + (f", ratio {ratio:.1f}x" if ratio else "") +
+                     f"; {r.get('layers_compressed')} layers compressed, {r.get('layers_skipped')} skipped")
+    else:
+        lines.append("no stored report (metadata onnxstack.report)")
+    return "\n".join(lines)

@@ -161,8 +161,30 @@ def test_inspect(model_path):
     assert result.exit_code == 0
     assert "skipped: 16 input channels, fewer than slice depth d=32" in result.stdout
     assert "1 of 2 Conv layers eligible" in result.stdout
-    rows = json.loads(run("inspect", model_path, "--json").stdout)
-    assert [r["eligible"] for r in rows] == [True, True]
+    shown = json.loads(run("inspect", model_path, "--json").stdout)
+    assert [r["eligible"] for r in shown["convs"]] == [True, True] and shown["compressed"] is None
+
+
+def test_inspect_a_compressed_model(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert run("compress", model_path, "-o", out, "-d", "8", "--skip", "conv1", "-q").exit_code == 0
+    result = run("inspect", out)
+    assert result.exit_code == 0, result.output
+    assert "1 StackedBinaryConv layers (compressed by onnxstack" in result.stdout
+    assert "conv0  dense" in result.stdout and "stored report (onnxstack.report): conv bits" in result.stdout
+    assert "1 of 1 remaining Conv layers eligible" in result.stdout  # conv1 was left dense by --skip
+    shown = json.loads(run("inspect", out, "--json").stdout)
+    (layer,) = shown["compressed"]["layers"]
+    assert layer["name"] == "conv0" and layer["slice_dim"] == 8 and layer["channels"] == 16
+    assert shown["compressed"]["report"]["layers_compressed"] == 1 and shown["convs"][0]["name"] == "conv1"
+
+
+def test_compressing_a_compressed_model_says_so(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert run("compress", model_path, "-o", out, "-d", "8", "-q").exit_code == 0
+    assert_one_line_error(run("compress", out, "-o", tmp_path / "again.onnx", "-d", "8"), 1,
+                          "already compressed by onnxstack")
+    assert not (tmp_path / "again.onnx").exists()
 
 
 def test_python_dash_m(model_path):
