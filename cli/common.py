@@ -4,6 +4,7 @@ progress bar. Commands import from here (never from each other's modules)."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -58,6 +59,7 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        show_warnings()
         try:
             return fn(*args, **kwargs)
         except UsageError as e:
@@ -91,3 +93,19 @@ class LazyBar:
         self.bar.update(1, item)
         if done == total:
             self.bar.__exit__(None, None, None)
+
+
+class EchoHandler(logging.Handler):
+    """onnxstack's log records as one `onnxstack: warning: ...` line on the current stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "warning" if record.levelno >= logging.WARNING else "note"
+        click.echo(f"onnxstack: {level}: {' '.join(self.format(record).split())}", err=True)
+
+
+def show_warnings() -> None:
+    """Route the library's warnings (logger 'onnxstack') to stderr, once."""
+    logger = logging.getLogger("onnxstack")
+    if not any(isinstance(h, EchoHandler) for h in logger.handlers):
+        logger.addHandler(EchoHandler(logging.WARNING))
+        logger.propagate = False
