@@ -36,22 +36,35 @@ def layer_entry(info: ConvInfo, plan: LayerPlan | None) -> dict:
 
 
 def build_report(layers: list[tuple[ConvInfo, LayerPlan | None]], original_bytes: int, compressed_bytes: int) -> dict:
-    """Totals count each stored tensor once (weights and biases may be shared), skipped layers dense."""
+    """Totals count every stored tensor once, and every one that is stored: weights and biases shared by
+    several layers once; a weight compressed twice (two layers, different settings) twice; a compressed
+    weight that another node still reads, with the dense copy the file keeps; a weight that is not a
+    constant, by the tensors it is computed from; skipped layers as they are."""
     entries = [layer_entry(i, p) for i, p in layers]
-    tensors: dict[str, tuple[int, int]] = {}  # name -> (bits before, bits after)
+    before: dict = {}  # stored tensor -> bits, in the input
+    after: dict = {}  # stored tensor (name, or a plan's tensors) -> bits, in the output
     for (info, plan), e in zip(layers, entries):
-        if "bits" not in e:
-            continue
-        if plan is not None and plan.bias is not None:  # calibration stores a new bias with the layer
-            tensors[info.weight_name] = (plan.original_bits(), e["bits"])
-            continue
-        bias_bits = 32 * info.shape[0] if info.bias_name else 0
+        if info.node_index < 0:
+            continue  # inside a subgraph: not counted (left as it is)
+        weight = _weight_bits(info)
+        bias_bits = 0
         if info.bias_name:
-            tensors[info.bias_name] = (bias_bits, bias_bits)
-        before = (plan.original_bits() if plan else e["bits"]) - bias_bits
-        tensors[info.weight_name] = (before, e["bits"] - bias_bits)
-    conv_orig = sum(b for b, _ in tensors.values())
-    conv_comp = sum(a for _, a in tensors.values())
+            bias_bits = info.bias_bits if info.bias_bits is not None else 32 * info.shape[0] if info.shape else 0
+        before.update(weight)
+        if info.bias_name:
+            before[info.bias_name] = bias_bits
+        if plan is None:
+            after.update(weight)
+            if info.bias_name:
+                after[info.bias_name] = bias_bits
+            continue
+        own_bias = plan.bias is not None  # calibration stores a new bias with the layer
+        after[("plan", id(plan))] = e["bits"] - (0 if own_bias else bias_bits)
+        if info.bias_name and not own_bias:
+            after[info.bias_name] = bias_bits
+        if info.weight_read_elsewhere:
+            after.update(weight)  # the rewrite keeps the dense weight for its other readers
+    conv_orig, conv_comp = sum(before.values()), sum(after.values())
     return {
         "original_bytes": original_bytes,
         "compressed_bytes": compressed_bytes,
@@ -63,6 +76,16 @@ def build_report(layers: list[tuple[ConvInfo, LayerPlan | None]], original_bytes
         "layers_skipped": sum(1 for _, p in layers if p is None),
         "layers": entries,
     }
+
+
+def _weight_bits(info: ConvInfo) -> dict[str, int]:
+    """name -> bits of what the file stores for a layer's weight (float32 when it is a constant)."""
+    if info.weight_sources:
+        return dict(info.weight_sources)
+    if info.shape and len(info.shape) == 4 and info.weight_name:
+        n, cg, kh, kw = info.shape
+        return {info.weight_name: cost.dense_bits(n, cg, kh, kw, False)}
+    return {}
 
 
 def format_table(report: dict) -> str:
