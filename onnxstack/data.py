@@ -150,10 +150,9 @@ def from_arrays(arrays: Mapping[str, np.ndarray], model, labels: np.ndarray | No
     data = {k: np.asarray(v) for k, v in arrays.items() if k != LABELS_KEY}
     if labels is None and LABELS_KEY in arrays:
         labels = np.asarray(arrays[LABELS_KEY])
+    renamed = None
     if len(specs) == 1 and specs[0].name not in data and len(data) == 1:
-        (other, array), = data.items()
-        log.warning("%s: the model's one input is '%s'; using the array '%s' %s for it", source, specs[0].name,
-                    other, tuple(array.shape))
+        (renamed, array), = data.items()
         data = {specs[0].name: array}
     for spec in specs:
         if spec.name not in data:
@@ -164,6 +163,9 @@ def from_arrays(arrays: Mapping[str, np.ndarray], model, labels: np.ndarray | No
     n = _sample_count(feeds, source)
     if labels is not None:
         labels = _check_labels(labels, n, source)
+    if renamed is not None:  # said once the data is known to fit (an error stays the only line)
+        log.warning("%s: the model's one input is '%s'; using the array '%s' %s for it", source, specs[0].name,
+                    renamed, tuple(data[specs[0].name].shape))
     idx = select(n, limit, seed)
     if len(idx) < n:
         feeds = {k: v[idx] for k, v in feeds.items()}

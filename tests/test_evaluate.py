@@ -78,7 +78,9 @@ def test_original_against_compressed(models, data):
     assert all(math.isfinite(e["snr_db"]) for e in result["layers"])
     assert result["compressed_bytes"] == models[1].ByteSize() and result["file_ratio"] > 0
     assert result["latency_ms_original"] > 0 and result["latency_ratio"] > 0
-    assert result["conv_ratio"] is None or result["conv_ratio"] > 1
+    stored = json.loads({p.key: p.value for p in models[1].metadata_props}["onnxstack.report"])
+    assert result["conv_ratio"] == pytest.approx(stored["conv_bits_original"] / stored["conv_bits_compressed"])
+    assert result["conv_ratio"] > 4  # d=4 and up on these layers
     text = format_evaluation(result)
     assert "top-1 accuracy" in text and "compressed" in text and "conv2" in text
 
