@@ -150,11 +150,9 @@ def run_finetune(compressed, teacher, data, config, *, val=None, checkpoint: Pat
                     hidden=quiet, item_show_func=lambda s: s, show_pos=True))]
             elif event == "step" and bars:
                 bars[0].update(1, f"loss {info['loss']:.4f}  agree {info['agreement']:.3f}")
-            elif event == "epoch_end":
+            elif event == "epoch_end":  # the scores are shown once, in the table at the end
                 stack.close()
                 bars.clear()
-                if not quiet:
-                    click.echo(_epoch_line(info), err=True)
 
         try:
             return run(compressed, teacher, data, val=val, config=config, checkpoint=checkpoint, resume=resume,
@@ -164,15 +162,6 @@ def run_finetune(compressed, teacher, data, config, *, val=None, checkpoint: Pat
             where = f"; rerun with --resume to continue from {checkpoint}" if checkpoint and checkpoint.exists() else ""
             click.echo(f"onnxstack: interrupted{where}", err=True)
             sys.exit(130)
-
-
-def _epoch_line(r: dict) -> str:
-    parts = [f"epoch {r['epoch']}", f"held-out agreement {r['agreement']:.4f}", f"KL {r['kl']:.4f}"]
-    if "accuracy" in r:
-        parts.insert(1, f"accuracy {r['accuracy']:.4f}")
-    if r.get("partial"):
-        parts.append("(time limit reached)")
-    return "  ".join(parts)
 
 
 def format_history(result) -> str:
