@@ -1,14 +1,13 @@
 """`onnxstack compress | inspect`: parse options, call the API, print tables, map errors to exit codes.
 
-Exit codes: 0 success, 1 a problem with the input or options (one line on stderr), 2 usage errors.
+Exit codes: 0 success, 1 a problem with the input (one line on stderr), 2 usage errors (bad options, values
+out of range or in conflict; the message names the flags).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,40 +15,13 @@ import click
 
 import onnxstack
 from onnxstack.analyse import ConvInfo
-from onnxstack.errors import ConfigError, OnnxstackError, OutputError
-from onnxstack.io import check_output_path, write_bytes_atomic
-from onnxstack.report import format_table
+from onnxstack.errors import ConfigError, ModelError, OutputError
+from onnxstack.io import check_output_path, data_file_path, write_bytes_atomic
+from onnxstack.load import load_model
+from onnxstack.report import already_compressed, compressed_summary, format_compressed, format_table
 
+from .common import LazyBar, UsageError, fail, handle_errors, option_error
 from .options import image_options, make_image_options
-
-
-def _fail(message: str, code: int = 1) -> None:
-    message = " ".join(str(message).split())  # always one line
-    click.echo(f"onnxstack: error: {message}", err=True)
-    sys.exit(code)
-
-
-def handle_errors(fn):
-    """Turn onnxstack errors into one line and exit 1; never show a traceback for user mistakes."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except OnnxstackError as e:
-            _fail(str(e))
-        except KeyboardInterrupt:
-            _fail("interrupted; nothing was written", 130)
-        except MemoryError:
-            _fail("out of memory")
-        except (SystemExit, click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except Exception as e:  # noqa: BLE001 - a bug: still one line, never a traceback
-            if os.environ.get("ONNXSTACK_DEBUG"):
-                raise
-            _fail(f"internal error ({type(e).__name__}: {e}); please report it (ONNXSTACK_DEBUG=1 shows the traceback)")
-
-    return wrapper
 
 
 class OneLineErrors(click.Group):
@@ -61,11 +33,11 @@ class OneLineErrors(click.Group):
             return super().main(args, prog_name or "onnxstack", standalone_mode=False, **kwargs)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx else "onnxstack"
-            _fail(f"{e.format_message()} (see '{where} --help')", 2)
+            fail(f"{e.format_message()} (see '{where} --help')", 2)
         except click.ClickException as e:
-            _fail(e.format_message(), e.exit_code)
+            fail(e.format_message(), e.exit_code)
         except click.Abort:
-            _fail("aborted", 1)
+            fail("aborted", 1)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,9 +91,14 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
              seed, data_path, limit, target_ratio, max_drop, finetune_epochs, image_size, channels, pixel_scale, mean, std, layout,
              report_path, external_data, inline_functions, overwrite, quiet):
     """Compress every eligible Conv of MODEL."""
-    config = onnxstack.CompressConfig(
-        slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale, terms=terms,
-        execution=execution, skip=tuple(skip), iterations=iterations, seed=seed)
+    try:
+        config = onnxstack.CompressConfig(
+            slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale,
+            terms=terms, execution=execution, skip=tuple(skip), iterations=iterations, seed=seed)
+    except ConfigError as e:
+        raise option_error(e) from None
+    check_compress_options(data_path, target_ratio, max_drop, finetune_epochs)
+    refuse_compressed(model)
     output = output or default_output(model)
     source = model if model.exists() else None
     check_output_path(output, overwrite=overwrite, source=source)
@@ -135,19 +112,16 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
 
         image_opts = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
         data = load_data(data_path, model, limit=limit, seed=seed, image_options=image_opts)
-    elif target_ratio is not None or max_drop is not None:
-        raise ConfigError("--target-ratio and --max-drop need calibration data: pass --data")
     if finetune_epochs is not None:
-        if data_path is None:
-            raise ConfigError("--finetune-epochs needs training inputs: pass --data")
         importlib.import_module("onnxstack.torch_bridge")  # fails in one line, before compressing, without torch
     result = onnxstack.compress(model, config, data=data, target_ratio=target_ratio, max_drop=max_drop,
-                                progress=None if quiet else _LazyBar("compressing"))
+                                progress=None if quiet else LazyBar("compressing"))
     if finetune_epochs is not None:
         from .finetune_cmd import finetune_after_compress
 
         finetune_after_compress(result, model, data_path, finetune_epochs, image_opts, seed=seed, quiet=quiet)
-    result.save(output, overwrite=overwrite, external_data=external_data, inline_functions=inline_functions)
+    written = result.save(output, overwrite=overwrite, external_data=external_data, inline_functions=inline_functions)
+    describe_written_file(result.report, written)
     if report_path is not None:
         write_bytes_atomic(json.dumps(result.report, indent=2).encode(), report_path)
     if not quiet:
@@ -161,19 +135,50 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
 
 
-class _LazyBar:
-    """A progress callback whose bar appears with the first update (so early errors stay one line)."""
+def describe_written_file(report: dict, written: Path) -> None:
+    """Sizes in the report are those of the file on disk (with its external data file, if any): the model may
+    have changed since it was compressed (fine-tuning, inlined functions)."""
+    size = written.stat().st_size
+    data = data_file_path(written)
+    if data.exists() and _uses_external_data(written):  # not a stale one left by an earlier save
+        size += data.stat().st_size
+    report["compressed_bytes"] = size
+    report["file_ratio"] = report["original_bytes"] / size if size else None
 
-    def __init__(self, label: str):
-        self.label, self.bar = label, None
 
-    def __call__(self, done: int, total: int, item: str = "") -> None:
-        if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr, item_show_func=lambda x: x)
-            self.bar.__enter__()
-        self.bar.update(1, item)
-        if done == total:
-            self.bar.__exit__(None, None, None)
+def _uses_external_data(path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def refuse_compressed(path: Path) -> None:
+    """One line, before any work, for a model that onnxstack compressed already. (Only the graph is read; a file
+    that cannot be read is left to compress, which says why.)"""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not a readable model: compress reports it
+        return
+    reason = already_compressed(proto)
+    if reason:
+        raise ModelError(f"{path}: {reason}")
+
+
+def check_compress_options(data_path, target_ratio, max_drop, finetune_epochs) -> None:
+    """Option values and combinations compress refuses before reading anything (usage errors, exit 2)."""
+    if target_ratio is not None and max_drop is not None:
+        raise UsageError("give --target-ratio or --max-drop, not both")
+    if target_ratio is not None and not target_ratio > 1:
+        raise UsageError(f"--target-ratio must be > 1, got {target_ratio:g}")
+    if max_drop is not None and not 0 <= max_drop <= 100:
+        raise UsageError(f"--max-drop must be in [0, 100] points, got {max_drop:g}")
+    if data_path is None and (target_ratio is not None or max_drop is not None):
+        raise UsageError("--target-ratio and --max-drop need calibration data: pass --data")
+    if data_path is None and finetune_epochs is not None:
+        raise UsageError("--finetune-epochs needs training inputs: pass --data")
 
 
 @main.command()
@@ -182,21 +187,33 @@ class _LazyBar:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @handle_errors
 def inspect(model, slice_dim, as_json):
-    """List the Conv layers of MODEL, which are eligible, and why the others are not."""
-    infos = onnxstack.inspect(model, onnxstack.CompressConfig(slice_dim=slice_dim))
+    """List the Conv layers of MODEL, which are eligible, and why the others are not; for a compressed model,
+    its StackedBinaryConv layers and the report stored in its metadata."""
+    try:
+        config = onnxstack.CompressConfig(slice_dim=slice_dim)
+    except ConfigError as e:
+        raise option_error(e) from None
+    proto, _ = load_model(model)
+    infos = onnxstack.inspect(proto, config)
     rows = [_inspect_row(i) for i in infos]
+    compressed = compressed_summary(proto)
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps({"convs": rows, "compressed": compressed}, indent=2))
         return
+    if compressed is not None:
+        click.echo(format_compressed(compressed))
+        if rows:
+            click.echo()
     if not rows:
-        click.echo("no Conv layers")
+        click.echo("no Conv layers" + (" left dense" if compressed else ""))
         return
     widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in ("name", "shape", "group", "weight_bytes")}
     click.echo("  ".join(k.ljust(w) for k, w in widths.items()) + "  status")
     for r in rows:
         click.echo("  ".join(str(r[k]).ljust(w) for k, w in widths.items()) + "  " +
                    ("eligible" if r["eligible"] else f"skipped: {r['reason']}"))
-    click.echo(f"{sum(r['eligible'] for r in rows)} of {len(rows)} Conv layers eligible")
+    left = " remaining" if compressed else ""
+    click.echo(f"{sum(r['eligible'] for r in rows)} of {len(rows)}{left} Conv layers eligible")
 
 
 def _inspect_row(info: ConvInfo) -> dict:

@@ -14,7 +14,7 @@ from onnxstack.evaluate import evaluate as run_evaluation
 from onnxstack.evaluate import format_evaluation
 from onnxstack.io import check_output_path, write_bytes_atomic
 
-from .app import handle_errors
+from .common import handle_errors
 from .options import image_options, make_image_options
 
 
@@ -33,7 +33,7 @@ from .options import image_options, make_image_options
               help="Timed runs of one batch (0: none).")
 @image_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing JSON file.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; one summary line instead of the table.")
 @handle_errors
 def evaluate(original, compressed, data_path, json_path, batch_size, limit, seed, threads, latency_runs, image_size,
              channels, pixel_scale, mean, std, layout, overwrite, quiet):
@@ -56,7 +56,26 @@ def evaluate(original, compressed, data_path, json_path, batch_size, limit, seed
                                 threads=threads, progress=progress)
     if json_path is not None:
         write_bytes_atomic(json.dumps(result, indent=2).encode(), json_path)
-    if not quiet:
-        click.echo(format_evaluation(result))
-        if json_path is not None:
-            click.echo(f"wrote {json_path}")
+    if quiet:
+        click.echo(summary_line(result))
+        return
+    click.echo(format_evaluation(result))
+    if json_path is not None:
+        click.echo(f"wrote {json_path}")
+
+
+def summary_line(result: dict) -> str:
+    """`evaluate -q`: one line, accuracies in percent and the drop in points."""
+    def pct(v):
+        return f"{100 * v:.2f}%"
+
+    parts = []
+    if result.get("accuracy_original") is not None:
+        parts.append(f"top-1 original {pct(result['accuracy_original'])}")
+        if result.get("accuracy_compressed") is not None:
+            drop = 100 * (result["accuracy_original"] - result["accuracy_compressed"])
+            parts.append(f"compressed {pct(result['accuracy_compressed'])} (drop {drop:.2f} points)")
+    if result.get("top1_agreement") is not None:
+        parts.append(f"top-1 agreement {pct(result['top1_agreement'])}")
+    parts.append(f"{result['samples']} samples")
+    return ", ".join(parts)

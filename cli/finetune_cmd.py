@@ -13,11 +13,18 @@ from pathlib import Path
 import click
 
 from onnxstack.data import load_data
-from onnxstack.errors import OutputError
+from onnxstack.errors import ConfigError, OutputError
 from onnxstack.io import check_output_path
 
-from .app import handle_errors
+from .common import handle_errors, option_error
 from .options import image_options, make_image_options
+
+
+# FinetuneConfig fields -> the options that set them
+FINETUNE_FLAGS = {name: "--" + name.replace("_", "-") for name in (
+    "lr", "latent_lr", "labels_weight", "temperature", "feature_weight", "reassign_every", "augment_shift",
+    "augment_flip", "val_fraction", "max_minutes", "device", "threads", "seed")}
+FINETUNE_FLAGS.update({"epochs": "-e/--epochs", "batch_size": "-b/--batch-size", "train": "--train"})
 
 
 def default_output(compressed: Path) -> Path:
@@ -85,11 +92,14 @@ def finetune(compressed, teacher, data_path, val_path, output, epochs, lr, laten
     if ckpt.exists() and not (resume or overwrite):
         raise OutputError(f"{ckpt}: a checkpoint of an earlier run exists; pass --resume to continue it "
                           "or --overwrite to start over")
-    config = FinetuneConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, latent_lr=latent_lr, temperature=temperature,
-        labels_weight=labels_weight, feature_weight=feature_weight, train=train_set, reassign_every=reassign_every,
-        augment_shift=augment_shift, augment_flip=augment_flip, val_fraction=val_fraction, max_minutes=max_minutes,
-        device=device, threads=threads, seed=seed)
+    try:
+        config = FinetuneConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, latent_lr=latent_lr, temperature=temperature,
+            labels_weight=labels_weight, feature_weight=feature_weight, train=train_set, reassign_every=reassign_every,
+            augment_shift=augment_shift, augment_flip=augment_flip, val_fraction=val_fraction, max_minutes=max_minutes,
+            device=device, threads=threads, seed=seed)
+    except ConfigError as e:
+        raise option_error(e, FINETUNE_FLAGS) from None
     options = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
     data = load_data(data_path, teacher, limit=limit, seed=seed, image_options=options)
     val = load_data(val_path, teacher, image_options=options) if val_path else None
@@ -108,7 +118,6 @@ def finetune_after_compress(result, model: Path, data_path: Path | None, epochs:
                             *, seed: int = 0, quiet: bool = False) -> None:
     """`compress --finetune-epochs E`: fine-tune result.model in place against the input model, on all of
     --data (not the calibration subset), with the default settings."""
-    from onnxstack.errors import ConfigError
     from onnxstack.torch_bridge import FinetuneConfig
 
     if data_path is None:
@@ -141,11 +150,9 @@ def run_finetune(compressed, teacher, data, config, *, val=None, checkpoint: Pat
                     hidden=quiet, item_show_func=lambda s: s, show_pos=True))]
             elif event == "step" and bars:
                 bars[0].update(1, f"loss {info['loss']:.4f}  agree {info['agreement']:.3f}")
-            elif event == "epoch_end":
+            elif event == "epoch_end":  # the scores are shown once, in the table at the end
                 stack.close()
                 bars.clear()
-                if not quiet:
-                    click.echo(_epoch_line(info), err=True)
 
         try:
             return run(compressed, teacher, data, val=val, config=config, checkpoint=checkpoint, resume=resume,
@@ -155,15 +162,6 @@ def run_finetune(compressed, teacher, data, config, *, val=None, checkpoint: Pat
             where = f"; rerun with --resume to continue from {checkpoint}" if checkpoint and checkpoint.exists() else ""
             click.echo(f"onnxstack: interrupted{where}", err=True)
             sys.exit(130)
-
-
-def _epoch_line(r: dict) -> str:
-    parts = [f"epoch {r['epoch']}", f"held-out agreement {r['agreement']:.4f}", f"KL {r['kl']:.4f}"]
-    if "accuracy" in r:
-        parts.insert(1, f"accuracy {r['accuracy']:.4f}")
-    if r.get("partial"):
-        parts.append("(time limit reached)")
-    return "  ".join(parts)
 
 
 def format_history(result) -> str:

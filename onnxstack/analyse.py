@@ -39,6 +39,11 @@ class ConvInfo:
     attrs: dict = field(repr=False)
     reason: str | None = None  # None: eligible
     pixels: int | None = None  # output pixels an image (H*W) where shape inference knows them
+    # what the file stores for the weight when it is not a constant: (tensor name, bits) of the initializers
+    # and Constant nodes it is computed from (the report counts them, before and after)
+    weight_sources: tuple[tuple[str, int], ...] = ()
+    weight_read_elsewhere: bool = False  # a node other than a Conv reads the weight: the rewrite keeps it
+    bias_bits: int | None = None  # bits the file stores for a constant bias
 
     @property
     def eligible(self) -> bool:
@@ -64,11 +69,19 @@ def analyse(model: onnx.ModelProto, config: CompressConfig) -> list[ConvInfo]:
                        {t.name for t in graph.initializer})
     out = []
     pixels = _output_pixels(model)
+    readers: dict[str, set[str]] = {}  # value name -> op types of the main-graph nodes that read it
+    for node in graph.node:
+        for v in node.input:
+            readers.setdefault(v, set()).add(node.op_type if _is_conv(node) else "other")
     for i, node in enumerate(graph.node):
         if _is_conv(node):
             name = layer_name(node, i)
             info = _info(node, name, i, context, _reason(name, node, context, config))
-            out.append(replace(info, pixels=pixels.get(node.output[0])))
+            sources = () if info.weight_name in consts else _sources(info.weight_name, context)
+            bias = consts.get(info.bias_name) if info.bias_name else None
+            out.append(replace(info, pixels=pixels.get(node.output[0]), weight_sources=sources,
+                               weight_read_elsewhere="other" in readers.get(info.weight_name, ()),
+                               bias_bits=_tensor_bits(bias) if bias is not None else None))
     for i, node in enumerate(graph.node):
         out.extend(_subgraph_convs(node, layer_name(node, i), consts))
     return out
@@ -98,6 +111,38 @@ def _output_pixels(model: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
+def _sources(name: str, context: "_Context", depth: int = 32) -> tuple[tuple[str, int], ...]:
+    """(name, bits) of the stored tensors a non-constant value is computed from, in the main graph."""
+    found: dict[str, int] = {}
+    todo, seen = [(name, 0)], set()
+    while todo:
+        value, level = todo.pop()
+        if value in seen or not value or level > depth:
+            continue
+        seen.add(value)
+        if value in context.consts:
+            found[value] = _tensor_bits(context.consts[value])
+            continue
+        node = context.producers.get(value)
+        if node is None:
+            continue  # a graph input: nothing stored
+        if node.op_type == "Constant":
+            t = next((a.t for a in node.attribute if a.name == "value" and a.HasField("t")), None)
+            if t is not None:
+                found[value] = _tensor_bits(t)
+            continue
+        todo.extend((v, level + 1) for v in node.input)
+    return tuple(sorted(found.items()))
+
+
+def _tensor_bits(t: onnx.TensorProto) -> int:
+    try:
+        size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        size = 4
+    return 8 * size * int(np.prod(t.dims, dtype=np.int64))
+
+
 def _is_conv(node: onnx.NodeProto) -> bool:
     return node.op_type == "Conv" and node.domain in ("", "ai.onnx")
 
@@ -109,6 +154,8 @@ def _info(node, name, index, context, reason) -> ConvInfo:
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     tensor = context.consts.get(weight)
     shape = tuple(tensor.dims) if tensor is not None else None
+    if shape is not None and len(shape) == 4:
+        attrs.setdefault("kernel_shape", list(shape[2:]))  # the rewritten node states it (see op.node_attributes)
     return ConvInfo(name, index, weight, bias, shape, int(attrs.get("group", 1)), attrs, reason)
 
 

@@ -5,8 +5,8 @@
     feeds, labels = data.arrays(limit=128)           # calibration, all in memory
 
 Axis 0 of every array is the sample axis (it is not checked against the model's batch dim).
-A .npz holds one array per model input, keyed by input name (a single-input model takes any one
-name), and optional integer class ids under `labels`. An image folder is flat (no labels) or holds
+A .npz holds one array per model input, keyed by input name (a single-input model takes one array of
+any other name, with a logged warning), and optional integer class ids under `labels`. An image folder is flat (no labels) or holds
 one sub-folder per class (sorted names give ids 0..K-1). Images are decoded batch by batch:
 
     x = (pixel * scale - mean) / std      per channel, then laid out as the model input expects
@@ -14,6 +14,7 @@ one sub-folder per class (sorted names give ids 0..K-1). Images are decoded batc
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import zipfile
@@ -27,6 +28,7 @@ import onnx
 from .errors import ConfigError, DataError
 from .load import load_model
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 CHANNELS = ("auto", "gray", "rgb", "bgr")
 LAYOUTS = ("auto", "nchw", "nhwc")
@@ -148,8 +150,10 @@ def from_arrays(arrays: Mapping[str, np.ndarray], model, labels: np.ndarray | No
     data = {k: np.asarray(v) for k, v in arrays.items() if k != LABELS_KEY}
     if labels is None and LABELS_KEY in arrays:
         labels = np.asarray(arrays[LABELS_KEY])
+    renamed = None
     if len(specs) == 1 and specs[0].name not in data and len(data) == 1:
-        data = {specs[0].name: next(iter(data.values()))}
+        (renamed, array), = data.items()
+        data = {specs[0].name: array}
     for spec in specs:
         if spec.name not in data:
             found = ", ".join(f"'{k}' {v.shape}" for k, v in data.items()) or "no arrays"
@@ -159,6 +163,9 @@ def from_arrays(arrays: Mapping[str, np.ndarray], model, labels: np.ndarray | No
     n = _sample_count(feeds, source)
     if labels is not None:
         labels = _check_labels(labels, n, source)
+    if renamed is not None:  # said once the data is known to fit (an error stays the only line)
+        log.warning("%s: the model's one input is '%s'; using the array '%s' %s for it", source, specs[0].name,
+                    renamed, tuple(data[specs[0].name].shape))
     idx = select(n, limit, seed)
     if len(idx) < n:
         feeds = {k: v[idx] for k, v in feeds.items()}

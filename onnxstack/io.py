@@ -50,7 +50,7 @@ def check_output_path(out: str | os.PathLike, *, overwrite: bool, source: Path |
             what = "the input model" if src == source else f"a data file of the input model ({src.name})"
             raise OutputError(f"{out}: output is {what}; choose another path")
     if out.exists() and not overwrite:
-        raise OutputError(f"{out}: exists; pass --overwrite (overwrite=True) to replace it")
+        raise OutputError(f"{out}: exists; pass overwrite=True to replace it")
     if out.exists() and out.is_dir():
         raise OutputError(f"{out}: is a folder")
     if not out.parent.exists():
@@ -163,9 +163,28 @@ def _delay() -> float:
 
 
 def _temp(out: Path) -> str:
+    """A new temporary file next to `out`, with the mode a plain open() would give it (0666 less the
+    umask; mkstemp's own 0600 would follow the file through the rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     return tmp
+
+
+def _umask() -> int:
+    """The process umask (read from /proc where it can be, else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale_temps(out: Path) -> None:

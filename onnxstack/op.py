@@ -11,7 +11,11 @@ Inputs
     B         float32 (N,), optional          bias
 Attributes
     channels  int, required: input channels of the weight (C / group); slices past it are padding
-    auto_pad, dilations, group, kernel_shape, pads, strides: as ONNX Conv
+    auto_pad, dilations, group, kernel_shape, pads, strides: as ONNX Conv. make_node sets every one the
+        function reads (channels, auto_pad, dilations, group, pads, strides), Conv's defaults included, so
+        that consumers which do not drop unset referenced attributes (onnx's ReferenceEvaluator) run the
+        file too; auto_pad VALID, and SAME_* at stride 1, become explicit pads. kernel_shape is optional
+        (the codebook's kernel is the kernel) and not read by the function.
 
 Implementations that tests prove agree:
   - `stacked_binary_conv`: numpy, the specification (and `StackedBinaryConvRef`, its OpRun
@@ -46,6 +50,7 @@ CONV_ATTRS = {
     "pads": onnx.AttributeProto.INTS,
     "strides": onnx.AttributeProto.INTS,
 }
+FUNCTION_ATTRS = ("channels", "auto_pad", "dilations", "group", "pads", "strides")  # what the bodies read
 MIN_OPSET = 12  # Constant(value_int) reads the `channels` attribute
 
 
@@ -98,12 +103,46 @@ StackedBinaryConvRef.__name__ = OP_TYPE  # OpRun classes are looked up by op_typ
 
 
 def make_node(inputs: list[str], output: str, name: str, form: str, channels: int, conv_attrs: dict) -> onnx.NodeProto:
-    """A StackedBinaryConv node calling the `form` overload of the function."""
+    """A StackedBinaryConv node calling the `form` overload of the function, every attribute the function
+    reads set (see node_attributes)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    node = helper.make_node(OP_TYPE, inputs, [output], name=name, domain=DOMAIN, channels=channels, **conv_attrs)
+    inputs = list(inputs) + [""] * (len(INPUTS) - len(inputs))  # no bias: B named "" (omitted), not left off
+    node = helper.make_node(OP_TYPE, inputs, [output], name=name, domain=DOMAIN,
+                            **node_attributes(channels, conv_attrs))
     node.overload = form
     return node
+
+
+def node_attributes(channels: int, conv_attrs: dict) -> dict:
+    """The node's attributes: 2-D Conv attributes with ONNX's defaults written out.
+
+    A function body refers to the node's attributes; a consumer that cannot leave an unset one out
+    (onnx.reference.ReferenceEvaluator raises on it) needs each of them set. auto_pad VALID is pads 0;
+    SAME_UPPER / SAME_LOWER at stride 1 pad d*(k-1) in total (the extra one at the end / the start),
+    whatever the input size, and become explicit pads when the kernel is known. SAME at larger strides
+    depends on the input size: auto_pad stays, pads stay unset (onnxruntime runs it; the reference
+    evaluator cannot)."""
+    a = dict(conv_attrs)
+    kernel = a.get("kernel_shape")
+    dil = list(a.get("dilations") or [1, 1])
+    strides = list(a.get("strides") or [1, 1])
+    auto_pad = a.get("auto_pad") or "NOTSET"
+    pads = a.get("pads")
+    if auto_pad == "VALID":
+        auto_pad, pads = "NOTSET", [0, 0, 0, 0]
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER") and kernel is not None and all(s == 1 for s in strides):
+        total = [d * (k - 1) for d, k in zip(dil, kernel)]
+        small = [t // 2 for t in total]
+        begin = small if auto_pad == "SAME_UPPER" else [t - b for t, b in zip(total, small)]
+        auto_pad, pads = "NOTSET", begin + [t - b for t, b in zip(total, begin)]
+    out = {"channels": channels, "auto_pad": auto_pad, "dilations": dil, "group": int(a.get("group", 1)),
+           "strides": strides}
+    if auto_pad == "NOTSET":
+        out["pads"] = list(pads or [0, 0, 0, 0])
+    if kernel is not None:
+        out["kernel_shape"] = list(kernel)
+    return out
 
 
 def make_function(form: str, opset: int) -> onnx.FunctionProto:
@@ -120,7 +159,7 @@ def make_function(form: str, opset: int) -> onnx.FunctionProto:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     fn = helper.make_function(
         DOMAIN, OP_TYPE, INPUTS, ["Y"], b.nodes, [helper.make_opsetid("", opset)],
-        attributes=["channels", *CONV_ATTRS],
+        attributes=list(FUNCTION_ATTRS),
     )
     fn.overload = form
     fn.doc_string = f"StackedBinaryConv v{VERSION}, {form} form (see onnxstack.op)."
@@ -188,7 +227,7 @@ def _dense(b: _Body, W4: str) -> None:
     kernel = b.part(b.op("Shape", [W4]), 2, 4)
     padded = b.op("Reshape", [summed, b.op("Concat", [b.const([0, -1]), kernel], axis=0)])  # (N, s*d, kh, kw)
     weight = b.op("Slice", [padded, b.const([0]), _channels(b), b.const([1])])
-    b.ref("Conv", ["X", weight, "B"], list(CONV_ATTRS), out="Y")
+    b.ref("Conv", ["X", weight, "B"], [a for a in FUNCTION_ATTRS if a != "channels"], out="Y")
 
 
 def _stacked(b: _Body, W4: str) -> None:
@@ -202,11 +241,12 @@ def _stacked(b: _Body, W4: str) -> None:
     pads = b.op("Concat", [b.const([0, 0, 0, 0, 0]), pad_c, b.const([0, 0])], axis=0)
     xp = b.op("Pad", ["X", pads])
     xg = b.op("Reshape", [xp, b.op("Concat", [b.const([-1]), d, b.part(x_shape, 2, 4)], axis=0)])
-    maps = b.ref("Conv", [xg, W4], ["auto_pad", "dilations", "kernel_shape", "pads", "strides"])
+    maps = b.ref("Conv", [xg, W4], ["auto_pad", "dilations", "pads", "strides"])
     maps = b.op("Reshape", [maps, b.op("Concat", [b.part(x_shape, 0, 1), b.const([-1]),
                                                    b.part(b.op("Shape", [maps]), 2, 4)], axis=0)])
     # merge: (N, s*M') matrix, row i holds sum_q scales[i, j, q] at column j*M' + indices[i, j, q]
     idx, sc = _terms(b)
-    onehot = b.op("OneHot", [idx, m, b.const([0.0, 1.0], np.float32)], axis=-1)  # (N, s, k, M')
+    depth = b.op("Reshape", [m, b.const(np.zeros(0, np.int64))])  # a scalar, as every OneHot reads it
+    onehot = b.op("OneHot", [idx, depth, b.const([0.0, 1.0], np.float32)], axis=-1)  # (N, s, k, M')
     merge = b.op("Reshape", [b.op("MatMul", [sc, onehot]), b.const([0, -1, 1, 1])])  # (N, s*M', 1, 1)
     b.op("Conv", [maps, merge, "B"], out="Y")

@@ -38,22 +38,35 @@ def layer_entry(info: ConvInfo, plan: LayerPlan | None) -> dict:
 
 
 def build_report(layers: list[tuple[ConvInfo, LayerPlan | None]], original_bytes: int, compressed_bytes: int) -> dict:
-    """Totals count each stored tensor once (weights and biases may be shared), skipped layers dense."""
+    """Totals count every stored tensor once, and every one that is stored: weights and biases shared by
+    several layers once; a weight compressed twice (two layers, different settings) twice; a compressed
+    weight that another node still reads, with the dense copy the file keeps; a weight that is not a
+    constant, by the tensors it is computed from; skipped layers as they are."""
     entries = [layer_entry(i, p) for i, p in layers]
-    tensors: dict[str, tuple[int, int]] = {}  # name -> (bits before, bits after)
+    before: dict = {}  # stored tensor -> bits, in the input
+    after: dict = {}  # stored tensor (name, or a plan's tensors) -> bits, in the output
     for (info, plan), e in zip(layers, entries):
-        if "bits" not in e:
-            continue
-        if plan is not None and plan.bias is not None:  # calibration stores a new bias with the layer
-            tensors[info.weight_name] = (plan.original_bits(), e["bits"])
-            continue
-        bias_bits = 32 * info.shape[0] if info.bias_name else 0
+        if info.node_index < 0:
+            continue  # inside a subgraph: not counted (left as it is)
+        weight = _weight_bits(info)
+        bias_bits = 0
         if info.bias_name:
-            tensors[info.bias_name] = (bias_bits, bias_bits)
-        before = (plan.original_bits() if plan else e["bits"]) - bias_bits
-        tensors[info.weight_name] = (before, e["bits"] - bias_bits)
-    conv_orig = sum(b for b, _ in tensors.values())
-    conv_comp = sum(a for _, a in tensors.values())
+            bias_bits = info.bias_bits if info.bias_bits is not None else 32 * info.shape[0] if info.shape else 0
+        before.update(weight)
+        if info.bias_name:
+            before[info.bias_name] = bias_bits
+        if plan is None:
+            after.update(weight)
+            if info.bias_name:
+                after[info.bias_name] = bias_bits
+            continue
+        own_bias = plan.bias is not None  # calibration stores a new bias with the layer
+        after[("plan", id(plan))] = e["bits"] - (0 if own_bias else bias_bits)
+        if info.bias_name and not own_bias:
+            after[info.bias_name] = bias_bits
+        if info.weight_read_elsewhere:
+            after.update(weight)  # the rewrite keeps the dense weight for its other readers
+    conv_orig, conv_comp = sum(before.values()), sum(after.values())
     return {
         "original_bytes": original_bytes,
         "compressed_bytes": compressed_bytes,
@@ -65,6 +78,16 @@ def build_report(layers: list[tuple[ConvInfo, LayerPlan | None]], original_bytes
         "layers_skipped": sum(1 for _, p in layers if p is None),
         "layers": entries,
     }
+
+
+def _weight_bits(info: ConvInfo) -> dict[str, int]:
+    """name -> bits of what the file stores for a layer's weight (float32 when it is a constant)."""
+    if info.weight_sources:
+        return dict(info.weight_sources)
+    if info.shape and len(info.shape) == 4 and info.weight_name:
+        n, cg, kh, kw = info.shape
+        return {info.weight_name: cost.dense_bits(n, cg, kh, kw, False)}
+    return {}
 
 
 def format_table(report: dict) -> str:
@@ -94,4 +117,73 @@ def format_table(report: dict) -> str:
         if r is head:
             lines.append("-" * len(lines[0]))
     lines += [f"* {e['name']}: {e['fallback']}" for e in report["layers"] if "fallback" in e]
+    return "\n".join(lines)
+
+
+def compressed_summary(model) -> dict | None:
+    """What onnxstack stored in an already compressed model (a ModelProto): its StackedBinaryConv layers and
+    the summary report of its metadata (`onnxstack.report`, `onnxstack.version`); None for a model without
+    StackedBinaryConv nodes."""
+    import json
+
+    from onnx import numpy_helper
+
+    from . import op
+
+    nodes = [n for n in model.graph.node if n.op_type == op.OP_TYPE and n.domain == op.DOMAIN]
+    if not nodes:
+        return None
+    tensors = {t.name: t for t in model.graph.initializer}
+    layers = []
+    for n in nodes:
+        attrs = {a.name: a for a in n.attribute}
+        book, idx = tensors.get(n.input[1]), tensors.get(n.input[2])
+        stored = [tensors[name] for name in n.input[1:] if name in tensors]
+        layers.append({
+            "name": n.name, "form": n.overload or "?",
+            "channels": attrs["channels"].i if "channels" in attrs else None,
+            "filters": int(idx.dims[0]) if idx is not None and idx.dims else None,
+            "slice_dim": int(book.dims[1]) if book is not None and len(book.dims) == 4 else None,
+            "codebook_size": 8 * int(book.dims[0]) if book is not None and book.dims else None,
+            "terms": int(idx.dims[2]) if idx is not None and len(idx.dims) == 3 else 1,
+            "stored_bytes": sum(numpy_helper.to_array(t).nbytes for t in stored)
+            if all(not t.external_data for t in stored) else None,
+        })
+    meta = {p.key: p.value for p in model.metadata_props}
+    try:
+        report = json.loads(meta["onnxstack.report"]) if "onnxstack.report" in meta else None
+    except ValueError:
+        report = None
+    return {"version": meta.get("onnxstack.version"), "layers": layers, "report": report}
+
+
+def already_compressed(model) -> str | None:
+    """Why a model cannot be compressed again (one line), or None. Compressing keeps StackedBinaryConv layers
+    as they are and has nothing left to do in them; the original model is the input to compress."""
+    summary = compressed_summary(model)
+    if summary is None:
+        return None
+    by = f"onnxstack {summary['version']}" if summary["version"] else "onnxstack"
+    return (f"the model is already compressed by {by} ({len(summary['layers'])} StackedBinaryConv layers); "
+            "compress the original model instead")
+
+
+def format_compressed(summary: dict) -> str:
+    """The compressed layers of a model and its stored report, as `inspect` prints them."""
+    head = ["layer", "form", "channels", "filters", "d", "m", "k", "stored bytes"]
+    keys = ["name", "form", "channels", "filters", "slice_dim", "codebook_size", "terms", "stored_bytes"]
+    rows = [[("?" if e[k] is None else str(e[k])) for k in keys] for e in summary["layers"]]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    lines.insert(1, "-" * len(lines[0]))
+    by = f" by onnxstack {summary['version']}" if summary["version"] else ""
+    lines.append(f"{len(rows)} StackedBinaryConv layers (compressed{by})")
+    r = summary["report"]
+    if r:
+        ratio = r.get("conv_ratio")
+        lines.append(f"stored report (onnxstack.report): conv bits {r.get('conv_bits_original')} -> "
+                     f"{r.get('conv_bits_compressed')}" + (f", ratio {ratio:.1f}x" if ratio else "") +
+                     f"; {r.get('layers_compressed')} layers compressed, {r.get('layers_skipped')} skipped")
+    else:
+        lines.append("no stored report (metadata onnxstack.report)")
     return "\n".join(lines)

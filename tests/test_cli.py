@@ -64,16 +64,69 @@ def test_existing_output_is_kept(model_path, tmp_path):
 
 
 @pytest.mark.parametrize("args,code,pattern", [
-    (["-d", "0"], 1, "slice_dim must be"),
-    (["-m", "1"], 1, "codebook_size must be"),
+    (["-d", "0"], 2, "-d/--slice-dim must be an integer in [1, 4096], got 0"),
+    (["-m", "1"], 2, "-m/--codebook-size must be an integer in [2, 65536], got 1"),
+    (["--max-codebook-size", "1"], 2, "--max-codebook-size must be"),
+    (["-k", "9"], 2, "-k/--terms must be an integer in [1, 4], got 9"),
+    (["--iterations", "5000"], 2, "--iterations must be in [0, 1000]"),
+    (["--target-ratio", "0.5", "--data", "x.npz"], 2, "--target-ratio must be > 1, got 0.5"),
+    (["--max-drop", "200", "--data", "x.npz"], 2, "--max-drop must be in [0, 100] points, got 200"),
+    (["--target-ratio", "10", "--max-drop", "1", "--data", "x.npz"], 2, "give --target-ratio or --max-drop, not both"),
+    (["--target-ratio", "10"], 2, "need calibration data: pass --data"),
+    (["--finetune-epochs", "1"], 2, "needs training inputs: pass --data"),
     (["-m", "5000", "-d", "8"], 1, "exceeds the"),
     (["-d", "64"], 1, "no eligible Conv"),
     (["--bogus"], 2, "No such option"),
     (["--scale", "row"], 2, "Invalid value"),
 ])
 def test_bad_options(model_path, tmp_path, args, code, pattern):
-    assert_one_line_error(run("compress", model_path, "-o", tmp_path / "o.onnx", *args), code, pattern)
+    result = run("compress", model_path, "-o", tmp_path / "o.onnx", *args)
+    assert_one_line_error(result, code, pattern)
+    import re
+
+    assert not re.search(r"(?<![-/\w])(slice_dim|codebook_size|max_codebook_size|terms|iterations)(?![-\w])",
+                         result.stderr) and "overwrite=True" not in result.stderr  # flags, not config fields
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_inspect_bad_slice_dim_is_a_usage_error(model_path):
+    assert_one_line_error(run("inspect", model_path, "-d", "0"), 2, "-d/--slice-dim must be")
+
+
+def test_existing_output_speaks_flags_in_the_cli_and_arguments_in_the_api(model_path, tmp_path):
+    import onnxstack
+
+    out = tmp_path / "o.onnx"
+    out.write_bytes(b"keep me")
+    result = run("compress", model_path, "-o", out, "-d", "8")
+    assert_one_line_error(result, 1, "exists; pass --overwrite to replace it")
+    assert "overwrite=True" not in result.stderr
+    with pytest.raises(onnxstack.OutputError, match="pass overwrite=True to replace it") as e:
+        onnxstack.compress(model_path, onnxstack.CompressConfig(slice_dim=8)).save(out)
+    assert "--overwrite" not in str(e.value)
+
+
+def test_cli_modules_import_no_circle():
+    """cli/app.py and the command modules share helpers through cli/common.py, not through each other."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "cli"
+    graph = {}
+    for path in folder.glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                deps.add(node.module)
+        graph[path.stem] = deps
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph.get(start, ()))
+
+    circles = sorted(m for m in graph if reaches(m, m))
+    assert not circles, f"import circle through {circles}: {graph}"
 
 
 def test_output_equal_to_input(model_path):
@@ -108,8 +161,30 @@ def test_inspect(model_path):
     assert result.exit_code == 0
     assert "skipped: 16 input channels, fewer than slice depth d=32" in result.stdout
     assert "1 of 2 Conv layers eligible" in result.stdout
-    rows = json.loads(run("inspect", model_path, "--json").stdout)
-    assert [r["eligible"] for r in rows] == [True, True]
+    shown = json.loads(run("inspect", model_path, "--json").stdout)
+    assert [r["eligible"] for r in shown["convs"]] == [True, True] and shown["compressed"] is None
+
+
+def test_inspect_a_compressed_model(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert run("compress", model_path, "-o", out, "-d", "8", "--skip", "conv1", "-q").exit_code == 0
+    result = run("inspect", out)
+    assert result.exit_code == 0, result.output
+    assert "1 StackedBinaryConv layers (compressed by onnxstack" in result.stdout
+    assert "conv0  dense" in result.stdout and "stored report (onnxstack.report): conv bits" in result.stdout
+    assert "1 of 1 remaining Conv layers eligible" in result.stdout  # conv1 was left dense by --skip
+    shown = json.loads(run("inspect", out, "--json").stdout)
+    (layer,) = shown["compressed"]["layers"]
+    assert layer["name"] == "conv0" and layer["slice_dim"] == 8 and layer["channels"] == 16
+    assert shown["compressed"]["report"]["layers_compressed"] == 1 and shown["convs"][0]["name"] == "conv1"
+
+
+def test_compressing_a_compressed_model_says_so(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert run("compress", model_path, "-o", out, "-d", "8", "-q").exit_code == 0
+    assert_one_line_error(run("compress", out, "-o", tmp_path / "again.onnx", "-d", "8"), 1,
+                          "already compressed by onnxstack")
+    assert not (tmp_path / "again.onnx").exists()
 
 
 def test_python_dash_m(model_path):
@@ -134,7 +209,6 @@ def test_compress_with_data_and_target(model_path, tmp_path):
 
 
 @pytest.mark.parametrize("args,pattern", [
-    (["--target-ratio", "10"], "need calibration data"),
     (["--data", "missing.npz"], "missing.npz"),
 ])
 def test_data_errors(model_path, tmp_path, args, pattern):
@@ -148,3 +222,18 @@ def test_wrong_data_shape(model_path, tmp_path):
     data = tmp_path / "bad.npz"
     np.savez(data, input=np.zeros((4, 3, 12, 12), np.float32))
     assert_one_line_error(run("compress", model_path, "-o", tmp_path / "o.onnx", "--data", data), 1, "input 'input'")
+
+
+@pytest.mark.parametrize("extra", [[], ["--inline-functions"], ["--external-data", "--skip", "conv1"]])
+def test_report_and_table_give_the_written_file_size(model_path, tmp_path, extra):
+    import os
+
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    result = run("compress", model_path, "-o", out, "-d", "8", "--report", rep, *extra)
+    assert result.exit_code == 0, result.output
+    size = os.path.getsize(out) + (os.path.getsize(f"{out}.data") if "--external-data" in extra else 0)
+    report = json.loads(rep.read_text())
+    assert report["compressed_bytes"] == size
+    assert report["file_ratio"] == pytest.approx(report["original_bytes"] / size)
+    file_row = next(line for line in result.stdout.splitlines() if line.startswith("file (bytes)"))
+    assert file_row.split()[3] == str(size)

@@ -57,9 +57,13 @@ def test_npz_by_input_name_ignores_extra_arrays(tmp_path):
     np.testing.assert_array_equal(feeds["b"], b)
 
 
-def test_single_input_takes_any_name_and_labels(tmp_path):
+def test_single_input_takes_any_name_and_labels(tmp_path, caplog):
     x = np.random.default_rng(0).standard_normal((6, 1, 4, 4)).astype(np.float32)
-    ds = load_data(save_npz(tmp_path / "d.npz", images=x, labels=np.array([0, 1, 2, 0, 1, 2], np.float32)), GRAY)
+    with caplog.at_level("WARNING", logger="onnxstack"):
+        ds = load_data(save_npz(tmp_path / "d.npz", images=x, labels=np.array([0, 1, 2, 0, 1, 2], np.float32)),
+                       GRAY)
+    (record,) = caplog.records
+    assert "the model's one input is 'x'; using the array 'images' (6, 1, 4, 4)" in record.getMessage()
     feeds, labels = ds.arrays()
     np.testing.assert_array_equal(feeds["x"], x)
     assert labels.dtype == np.int64 and labels.tolist() == [0, 1, 2, 0, 1, 2]
@@ -247,3 +251,24 @@ def test_missing_pillow_is_one_clear_line(tmp_path, monkeypatch):
 def test_dataset_repr_and_len():
     ds = Dataset(["x"], 2, lambda i: {"x": np.zeros((len(i), 1))}, source="mem")
     assert len(ds) == 2 and "2 samples" in repr(ds) and ds.arrays()[1] is None
+
+
+def test_cli_says_which_array_feeds_the_one_input(tmp_path):
+    """compress prints the renaming as one warning line on stderr; an array named after the input says nothing."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    from .models import conv_model
+
+    onnx.save(conv_model([{"in": 16, "out": 32}, {"out": 16}]), tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((8, 16, 12, 12)).astype(np.float32)
+    for name, expected in (("pixels", 1), ("input", 0)):
+        np.savez(tmp_path / "d.npz", **{name: x})
+        res = CliRunner().invoke(main, ["compress", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "o.onnx"), "-d", "8",
+                                        "--data", str(tmp_path / "d.npz"), "-q", "--overwrite"])
+        assert res.exit_code == 0, res.output
+        lines = [line for line in res.stderr.splitlines() if "using the array" in line]
+        assert len(lines) == expected, res.stderr
+        if expected:
+            assert lines[0].startswith("onnxstack: warning: ") and "'pixels' (8, 16, 12, 12)" in lines[0]

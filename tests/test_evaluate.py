@@ -78,7 +78,9 @@ def test_original_against_compressed(models, data):
     assert all(math.isfinite(e["snr_db"]) for e in result["layers"])
     assert result["compressed_bytes"] == models[1].ByteSize() and result["file_ratio"] > 0
     assert result["latency_ms_original"] > 0 and result["latency_ratio"] > 0
-    assert result["conv_ratio"] is None or result["conv_ratio"] > 1
+    stored = json.loads({p.key: p.value for p in models[1].metadata_props}["onnxstack.report"])
+    assert result["conv_ratio"] == pytest.approx(stored["conv_bits_original"] / stored["conv_bits_compressed"])
+    assert result["conv_ratio"] > 4  # d=4 and up on these layers
     text = format_evaluation(result)
     assert "top-1 accuracy" in text and "compressed" in text and "conv2" in text
 
@@ -164,8 +166,15 @@ def test_cli_writes_json(files):
     result = invoke(files / "m.onnx", files / "m.stacked.onnx", "--data", files / "val.npz", "--json", out,
                     "--batch-size", 8, "--limit", 20, "--latency-runs", 1, "-q")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "" and result.stderr == ""
+    assert result.stderr == ""
     report = json.loads(out.read_text())
+    (line,) = result.stdout.splitlines()  # -q: one summary line, percent and points
+    drop = 100 * (report["accuracy_original"] - report["accuracy_compressed"])
+    assert line.startswith(f"top-1 original {100 * report['accuracy_original']:.2f}%, compressed ")
+    assert f"(drop {drop:.2f} points)" in line and "20 samples" in line
+    quiet = invoke(files / "m.onnx", files / "m.stacked.onnx", "--data", files / "val.npz", "--limit", 20,
+                   "--latency-runs", 0, "-q")
+    assert quiet.exit_code == 0 and len(quiet.stdout.splitlines()) == 1 and "top-1 agreement" in quiet.stdout
     assert set(report) == KEYS and report["samples"] == 20
     assert report["original_bytes"] == (files / "m.onnx").stat().st_size
     again = invoke(files / "m.onnx", "--data", files / "val.npz", "--json", out, "--latency-runs", 0)

@@ -262,6 +262,8 @@ def test_cli_finetune(files):
         res = runner.invoke(command, args)
         assert res.exit_code == 0, res.output
         assert "wrote m.stacked.ft.onnx" in res.output and "accuracy" in res.output
+        assert "held-out agreement" not in res.output  # no per-epoch line besides the table
+        assert sum(line.split()[:1] == ["1"] for line in res.stdout.splitlines()) == 1  # epoch 1: one table row
         assert (files / "m.stacked.ft.onnx").exists() and not (files / "m.stacked.ft.onnx.ckpt").exists()
         onnx.checker.check_model(onnx.load(files / "m.stacked.ft.onnx"), full_check=True)
         res = runner.invoke(command, args)
@@ -327,13 +329,15 @@ def test_compress_with_finetune_epochs(files):
         plain, tuned = initializers(onnx.load("plain.onnx")), initializers(onnx.load("ft.onnx"))
         assert plain.keys() == tuned.keys()
         onnx.checker.check_model(onnx.load("ft.onnx"), full_check=True)
-        report = json.loads((files / "ft.json").read_text())["finetune"]
+        full = json.loads((files / "ft.json").read_text())
+        assert full["compressed_bytes"] == os.path.getsize("ft.onnx")  # the written, fine-tuned file
+        report = full["finetune"]
         assert report["epochs"] == 2 and [r["epoch"] for r in report["history"]] == [0, 1, 2]
         best = report["history"][report["best_epoch"]]
         assert report["written_model"]["accuracy"] == pytest.approx(best["accuracy"])  # the kept epoch is written
         changed = any(not np.array_equal(v, tuned[k]) for k, v in plain.items())
         assert changed == (report["best_epoch"] > 0)  # epoch 0 kept: the calibrated values, unchanged
         res = runner.invoke(main, ["compress", "m.onnx", "-o", "x.onnx", "--finetune-epochs", "1"])
-        assert res.exit_code == 1 and "needs training inputs" in res.output and not os.path.exists("x.onnx")
+        assert res.exit_code == 2 and "needs training inputs" in res.output and not os.path.exists("x.onnx")
     finally:
         os.chdir(cwd)

@@ -118,3 +118,38 @@ def test_reference_rejects_bad_shapes():
     x = np.zeros((1, 11, 9, 11), np.float32)
     with pytest.raises(ValueError, match="X.shape"):
         op.stacked_binary_conv(x, t["codebook"], t["indices"], t["scales"], channels=cg, **attrs)
+
+
+def _input_size_free(case):
+    """Every case but SAME padding at a stride > 1 (its pads depend on the input size; see op.node_attributes)."""
+    return not (case.get("auto_pad", "").startswith("SAME") and any(s > 1 for s in case.get("strides", [1])))
+
+
+@pytest.mark.parametrize("form", op.FORMS)
+@pytest.mark.parametrize("case", [c for c in CASES if _input_size_free(c)],
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_plain_reference_evaluator_runs_the_function(form, case):
+    """onnx's own ReferenceEvaluator, without new_ops, runs the model-local function as onnxruntime does."""
+    model, *_ = op_model(form=form, **case)
+    x = np.random.default_rng(4).standard_normal((2, case["C"], 9, 11)).astype(np.float32)
+    got = run_ort(model, {"x": x})[0]
+    ref = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    assert ref.shape == got.shape
+    assert np.abs(ref - got).max() / np.abs(got).max() < 1e-5
+
+
+@pytest.mark.parametrize("execution", op.FORMS)
+def test_compressed_model_runs_in_the_plain_reference_evaluator(execution):
+    import onnxstack
+
+    from .models import conv_model
+
+    model = conv_model([{"in": 16, "out": 32, "pads": [1, 1, 1, 1]}, {"out": 16, "strides": [2, 2]},
+                        {"out": 16, "k": 1, "bias": False}, {"out": 8, "auto_pad": "SAME_UPPER"},
+                        {"out": 16, "auto_pad": "VALID", "dilations": [2, 2]}])
+    out = onnxstack.compress(model, onnxstack.CompressConfig(slice_dim=8, execution=execution)).model
+    assert sum(n.op_type == op.OP_TYPE for n in out.graph.node) == 5
+    x = np.random.default_rng(5).standard_normal((2, 16, 12, 12)).astype(np.float32)
+    got = run_ort(out, {"input": x})[0]
+    ref = ReferenceEvaluator(out).run(None, {"input": x})[0]
+    np.testing.assert_allclose(ref, got, rtol=1e-4, atol=1e-4 * np.abs(got).max())

@@ -109,7 +109,11 @@ def _check_layers(arch, report):
     depthwise = sum(r.startswith("depthwise") for r in skipped.values())
     assert depthwise == (17 if arch == "mobilenet_v2" else 0)
     assert report["layers_compressed"] >= {"audio1d": 4, "unet": 14, "vgg16_bn": 12}.get(arch, 19)
-    assert report["conv_ratio"] > 1
+    ratios = [layer.get("ratio", 1.0) for layer in report["layers"]]
+    assert all(r > 1 for layer, r in zip(report["layers"], ratios) if "skipped" not in layer)
+    # the total is a bits-weighted mean of the layers' ratios (skipped layers at 1), above 1
+    assert 1 < report["conv_ratio"] and min(ratios) <= report["conv_ratio"] <= max(ratios)
+    assert report["conv_ratio"] == pytest.approx(report["conv_bits_original"] / report["conv_bits_compressed"])
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "unet", "audio1d", "yolo"])
