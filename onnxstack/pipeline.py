@@ -29,12 +29,12 @@ from . import __version__, op
 from .analyse import ConvInfo, analyse
 from .config import CompressConfig
 from .core.fit import ceil_div
-from .errors import ConfigError, NothingToCompressError, OnnxstackError, one_line
+from .errors import ConfigError, ModelError, NothingToCompressError, OnnxstackError, one_line
 from .fitters import fit_layers
 from .load import check_model, load_model_and_data_files, model_bytes
 from .normalise import default_opset, normalise, upgrade_checked
 from .plan import LayerPlan
-from .report import SUMMARY_KEYS, build_report
+from .report import SUMMARY_KEYS, already_compressed, build_report
 from .rewrite import rewrite
 from .search import Candidates, hold_out, layer_candidates_all, search_ratio
 
@@ -82,6 +82,9 @@ def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | 
 
 def load_stage(model_or_path) -> Source:
     model, path, data_files = load_model_and_data_files(model_or_path)
+    again = already_compressed(model)
+    if again:
+        raise ModelError(f"{path or 'model'}: {again}")
     original_bytes = model_bytes(model)
     return Source(normalise(model), path, data_files, original_bytes)
 

@@ -269,3 +269,10 @@ def test_nan_in_calibration_data_names_the_data_not_a_layer():
     feeds["input"][3, 0, 0, 0] = np.nan
     with pytest.raises(DataError, match=r"calibration data for input 'input' holds 1 NaN or Inf value\(s\) in 1 of 10"):
         onnxstack.compress(model, CompressConfig(slice_dim=8), data=feeds)
+
+
+def test_api_refuses_an_already_compressed_model():
+    model = conv_model([{"in": 16, "out": 16}])
+    once = onnxstack.compress(model, CompressConfig(slice_dim=8)).model
+    with pytest.raises(onnxstack.ModelError, match="already compressed by onnxstack"):
+        onnxstack.compress(once, CompressConfig(slice_dim=8))

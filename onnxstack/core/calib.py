@@ -263,6 +263,18 @@ def _sequential_pass(metric: OutputMetric, B, terms):
     return idx, alpha, targets
 
 
+def _rows_by_index(index: np.ndarray, rows: np.ndarray, m: int) -> np.ndarray:
+    """(m, D): the sum of the rows whose index is t, for each t < m (sorted segments, no (m, n) one-hot)."""
+    order = np.argsort(index, kind="stable")
+    counts = np.bincount(index, minlength=m)
+    present = np.flatnonzero(counts)
+    starts = np.concatenate(([0], np.cumsum(counts[present])[:-1]))
+    out = np.zeros((m, rows.shape[1]))
+    if len(present):
+        out[present] = np.add.reduceat(rows[order], starts, axis=0)
+    return out
+
+
 def _update_codebook(B, idx, alpha, targets, metrics, sweeps=3):
     """Each codeword minimises sum over its uses of (a B - T)^T M_j (a B - T) over B in {-1,+1}^D, with T
     the slice's target minus its other terms: the quadratic B^T Q B - 2 r^T B, Q = sum a^2 M_j,
@@ -270,15 +282,15 @@ def _update_codebook(B, idx, alpha, targets, metrics, sweeps=3):
     m, D = B.shape
     N, s, k = idx.shape
     uses = N * s * k
-    onehot = np.zeros((m, uses))
-    onehot[idx.ravel(), np.arange(uses)] = 1.0
-    w2 = (onehot * (alpha ** 2).ravel()).reshape(m, N, s, k).sum(axis=(1, 3))  # (m, s)
+    flat = idx.ravel()
+    slice_of = np.broadcast_to(np.arange(s)[None, :, None], idx.shape).ravel()
+    w2 = np.bincount(flat * s + slice_of, weights=(alpha ** 2).ravel(), minlength=m * s).reshape(m, s)
     Q = (w2 @ metrics.reshape(s, D * D)).reshape(m, D, D)
     terms_now = alpha[..., None] * B[idx]  # (N, s, k, D)
     own = targets[:, :, None, :] - terms_now.sum(2, keepdims=True) + terms_now  # (N, s, k, D)
     mt = np.matmul(own.transpose(1, 0, 2, 3), metrics.transpose(0, 2, 1)[:, None])  # (s, N, k, D): M_j T
     mt = mt.transpose(1, 0, 2, 3) * alpha[..., None]  # a M_j T
-    r = onehot @ mt.reshape(uses, D)  # (m, D)
+    r = _rows_by_index(flat, mt.reshape(uses, D), m)  # (m, D)
     B = B.copy()
     diag = np.einsum("mdd->md", Q)
     for _ in range(sweeps):
