@@ -47,7 +47,8 @@ class CompressConfig:
         (binary Conv over channel groups, then a sparse 1x1 merge).
     iterations: alternating assign / scale / update steps of the codebook fit.
     skip: Conv node names left dense.
-    overrides: node name -> LayerOverride.
+    overrides: node name -> LayerOverride (its `representation` "int8" / "int4" stores that layer as
+        per-channel integers through DequantizeLinear instead of a binary codebook).
     calibration_positions: output positions sampled per calibration image and layer.
     calibration_damp: ridge term of the output-aware fit, relative to the mean input energy.
     """
