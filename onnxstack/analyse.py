@@ -23,6 +23,7 @@ from .core.fit import F16_MAX, ceil_div, to_slices
 from .graphs import subgraphs
 from .op import CONV_ATTRS
 
+INT_MIN_OPSET = 13  # DequantizeLinear with a per-axis scale
 F16_LOSS = 0.01  # largest share of a weight's norm that rounding its scales to float16 may cost
 
 
@@ -65,8 +66,9 @@ def analyse(model: onnx.ModelProto, config: CompressConfig) -> list[ConvInfo]:
     """One ConvInfo per Conv node of the main graph, in graph order, then those of subgraphs (skipped)."""
     graph = model.graph
     consts = constant_initializers(graph) if model.ir_version >= 4 else {t.name: t for t in graph.initializer}
+    opset = next((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), 1)
     context = _Context(consts, {o: n for n in graph.node for o in n.output}, {i.name for i in graph.input},
-                       {t.name for t in graph.initializer})
+                       {t.name for t in graph.initializer}, opset)
     out = []
     pixels = _output_pixels(model)
     readers: dict[str, set[str]] = {}  # value name -> op types of the main-graph nodes that read it
@@ -93,6 +95,7 @@ class _Context:
     producers: dict  # value name -> node of the main graph
     inputs: set  # graph input names
     initializers: set  # initializer names
+    opset: int = 1  # the default-domain opset (integer layers need per-channel DequantizeLinear)
 
 
 def _output_pixels(model: onnx.ModelProto) -> dict[str, int]:
@@ -194,6 +197,8 @@ def _reason(name, node, context, config) -> str | None:
         return f"{len(tensor.dims) - 2}-D convolution (weight rank {len(tensor.dims)}); only 1-D and 2-D are supported"
     if bias is not None and bias not in consts:
         return _not_constant("bias", bias, context)
+    if settings.int_bits is not None:
+        return _finite_reason(numpy_helper.to_array(tensor), bias, consts) or _int_reason(settings, context)
     n_out, cg, kh, kw = tensor.dims
     if group > 1 and cg < d:
         kind = "depthwise" if cg == 1 else "grouped"
@@ -204,13 +209,25 @@ def _reason(name, node, context, config) -> str | None:
     if slices < 2:
         return f"only {slices} slice, a codebook needs at least 2"
     w = numpy_helper.to_array(tensor)
+    return _finite_reason(w, bias, consts) or _float16_reason(w, d, config.scale)
+
+
+def _finite_reason(w: np.ndarray, bias, consts) -> str | None:
     if not np.isfinite(w).all():
         return "weight holds NaN or Inf"
     if bias is not None and not np.isfinite(numpy_helper.to_array(consts[bias])).all():
         return "bias holds NaN or Inf"
     if not w.any():
         return "all weights are zero (the layer outputs its bias; nothing to compress)"
-    return _float16_reason(w, d, config.scale)
+    return None
+
+
+def _int_reason(settings, context: _Context) -> str | None:
+    """Why an integer layer cannot be stored (checked instead of the slice and float16 checks)."""
+    if context.opset < INT_MIN_OPSET:
+        return (f"{settings.representation} per-channel weights need DequantizeLinear with axis "
+                f"(opset >= {INT_MIN_OPSET}, model has {context.opset}); left dense")
+    return None
 
 
 def _not_constant(role: str, name: str, context: _Context) -> str:

@@ -19,8 +19,7 @@ from .analyse import ConvInfo
 from .config import CompressConfig
 from .core.calib import LayerStats, im2col_rows, output_size
 from .core.conv import resolve_pads
-from .core.fit import from_slices
-from .plan import LayerPlan
+from .plan import IntPlan, LayerPlan
 from .runtime import run_batches
 
 
@@ -81,11 +80,10 @@ def layer_stats(work: onnx.ModelProto, info: ConvInfo, feeds: dict[str, np.ndarr
     return stats
 
 
-def install(work: onnx.ModelProto, info: ConvInfo, plan: LayerPlan) -> None:
+def install(work: onnx.ModelProto, info: ConvInfo, plan: LayerPlan | IntPlan) -> None:
     """Replace the layer's weight (and bias) in the working model by the decoded compressed values."""
     node = work.graph.node[info.node_index]
-    n, cg, kh, kw = plan.shape
-    w_hat = from_slices(plan.fit.decode(), cg, (kh, kw))
+    w_hat = plan.decoded_weight()
     wname, bname = f"{info.weight_name}__calib{info.node_index}", f"{info.weight_name}__calib_bias{info.node_index}"
     work.graph.initializer.append(numpy_helper.from_array(w_hat.astype(np.float32), wname))
     node.input[1] = wname

@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 SCALE_MODES = ("slice", "filter")
 EXECUTIONS = ("auto", "dense", "stacked")
+REPRESENTATIONS = ("binary", "int8", "int4")  # stacked binary codebook, or per-channel integers (DequantizeLinear)
 CONFIG_VERSION = 1
 
 
@@ -29,6 +30,7 @@ class LayerOverride:
     terms: int | None = None
     skip: bool = False
     reason: str | None = None  # why the layer is skipped, when not the user's choice
+    representation: str | None = None  # "binary" (the default), "int8" or "int4" (per output channel)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class CompressConfig:
         (binary Conv over channel groups, then a sparse 1x1 merge).
     iterations: alternating assign / scale / update steps of the codebook fit.
     skip: Conv node names left dense.
-    overrides: node name -> LayerOverride.
+    overrides: node name -> LayerOverride (its `representation` "int8" / "int4" stores that layer as
+        per-channel integers through DequantizeLinear instead of a binary codebook).
     calibration_positions: output positions sampled per calibration image and layer.
     calibration_damp: ridge term of the output-aware fit, relative to the mean input energy.
     """
@@ -95,6 +98,9 @@ class CompressConfig:
                 raise ConfigError(f"terms of {name!r} must be an integer in [1, 4], got {ov.terms!r}")
             if ov.execution is not None:
                 _check_execution(ov.execution, f"execution of {name!r}")
+            if ov.representation is not None and ov.representation not in REPRESENTATIONS:
+                raise ConfigError(f"representation of {name!r} must be one of {REPRESENTATIONS}, "
+                                  f"got {ov.representation!r}")
 
     def for_layer(self, name: str) -> "LayerSettings":
         """The settings that apply to one Conv node."""
@@ -106,12 +112,13 @@ class CompressConfig:
             terms=ov.terms or self.terms,
             skip=ov.skip or name in self.skip,
             skip_reason=ov.reason if ov.skip and ov.reason else "excluded by the user",
+            representation=ov.representation or "binary",
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
-        d["overrides"] = {k: dataclasses.asdict(v) for k, v in self.overrides.items()}
+        d["overrides"] = {k: _override_dict(v) for k, v in self.overrides.items()}
         d["version"] = CONFIG_VERSION
         return d
 
@@ -140,6 +147,21 @@ class LayerSettings:
     skip: bool
     terms: int = 1
     skip_reason: str = "excluded by the user"
+    representation: str = "binary"
+
+    @property
+    def int_bits(self) -> int | None:
+        """4 or 8 for an integer representation, None for binary."""
+        return {"int8": 8, "int4": 4}.get(self.representation)
+
+
+def _override_dict(ov: LayerOverride) -> dict[str, Any]:
+    """An override as stored; an unset representation is left out, so configs that never name one keep
+    the JSON (and the output bytes) they had before integer layers existed."""
+    d = dataclasses.asdict(ov)
+    if d["representation"] is None:
+        del d["representation"]
+    return d
 
 
 def _check_slice_dim(v: int, what: str) -> None:

@@ -6,6 +6,9 @@ A fitter turns one eligible layer into a LayerPlan. Fitters are keyed by (repres
     ("binary", "output")   calibration statistics of the layer's current inputs against the original
                            outputs (core.calib): GPTQ-style per-slice fit, or for per-filter scales a fit
                            to the least-squares weight plus a per-filter gain
+    ("int", "weights")     per-channel int8 / int4, round to nearest with a clipping search (core.intq)
+    ("int", "output")      per-channel int8 / int4, GPTQ-style on calibration statistics, gain and bias
+                           corrected (core.intq)
 
 `choose` picks the fitter for a layer from the options (data or not) and the layer; when it cannot be
 the one the options ask for, it says why, and the reason travels in the plan to the report and the
@@ -26,11 +29,15 @@ from onnx import numpy_helper
 from . import calibrate
 from .analyse import ConvInfo
 from .config import CompressConfig
+from .core import cost, intq
 from .core.calib import LayerStats, fit_output_aware, fit_output_aware_filter
 from .core.fit import from_slices, one_blas_thread, relative_error, to_slices
-from .plan import LayerPlan, plan_layer
+from .normalise import default_opset
+from .plan import IntPlan, LayerPlan, int_plan, plan_layer
 
 Key = tuple[str, str]
+Plan = LayerPlan | IntPlan
+INT4_MIN_OPSET = 21  # DequantizeLinear takes INT4 from opset 21
 
 
 @dataclass(frozen=True)
@@ -41,13 +48,14 @@ class Job:
     weight: np.ndarray
     config: CompressConfig
     stats: LayerStats | None = None  # calibration statistics (output-aware fitters only)
+    opset: int = INT4_MIN_OPSET  # the model's default opset (what integer widths DequantizeLinear takes)
 
 
-FITTERS: dict[Key, Callable[[Job], LayerPlan]] = {}
+FITTERS: dict[Key, Callable[[Job], Plan]] = {}
 
 
 def register(representation: str, method: str):
-    def deco(fn: Callable[[Job], LayerPlan]):
+    def deco(fn: Callable[[Job], Plan]):
         FITTERS[representation, method] = fn
         return fn
     return deco
@@ -57,14 +65,39 @@ def needs_data(key: Key) -> bool:
     return key[1] == "output"
 
 
-def choose(info: ConvInfo, config: CompressConfig, calibrated: bool) -> tuple[Key, str | None]:
-    """The fitter for one eligible layer and, when it is not the one the options ask for, why."""
+def choose(info: ConvInfo, config: CompressConfig, calibrated: bool,
+           opset: int = INT4_MIN_OPSET) -> tuple[Key, str | None]:
+    """The fitter for one eligible layer and, when it is not what the options ask for, why."""
+    bits = config.for_layer(info.name).int_bits
+    representation = "binary" if bits is None else "int"
+    reasons = [] if bits is None else [r for r in [int_storage(bits, opset)[1]] if r]
     if not calibrated:
-        return ("binary", "weights"), None
+        return (representation, "weights"), "; ".join(reasons) or None
     if info.group != 1:
-        return ("binary", "weights"), (f"grouped conv (group={info.group}): the output-aware fit needs group=1, "
-                                       "so this layer is fitted to its weights only")
-    return ("binary", "output"), None
+        reasons.insert(0, f"grouped conv (group={info.group}): the output-aware fit needs group=1, "
+                          "so this layer is fitted to its weights only")
+        return (representation, "weights"), "; ".join(reasons)
+    return (representation, "output"), "; ".join(reasons) or None
+
+
+def int_storage(bits: int, opset: int) -> tuple[int, str | None]:
+    """The integer width a layer asking for `bits` is stored at under `opset`, and why when it differs."""
+    if bits == 4 and opset < INT4_MIN_OPSET:
+        return 8, f"int4 needs opset >= {INT4_MIN_OPSET} (model has {opset}); stored as int8"
+    return bits, None
+
+
+def int_candidate(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats, bits: int,
+                  opset: int, damp: float = 0.01) -> tuple[int, float]:
+    """(bits stored, damage) of one layer as int8 / int4 (`bits`) under `opset`, as the ("int", "output")
+    fitter would make it, without building a plan: damage = stats.relative_error(W_hat, b_hat), the relative
+    output error against the original outputs the stats were taken with (as search.layer_candidates
+    measures binary candidates). The bits count the corrected bias the calibrated layer stores."""
+    stored, _ = int_storage(bits, opset)
+    n = weight.shape[0]
+    q, scales, new_bias = intq.quantize_output_aware(weight, stats, stored, damp)
+    damage = stats.relative_error(intq.decode(q, scales).reshape(n, -1), new_bias)
+    return cost.int_bits(n, int(np.prod(weight.shape[1:])), stored, True)["total"], damage
 
 
 @register("binary", "weights")
@@ -88,9 +121,25 @@ def fit_output(job: Job) -> LayerPlan:
                          output_rel_error=job.stats.relative_error(w_hat, bias), fitter="output")
 
 
+@register("int", "weights")
+def fit_int_weights(job: Job) -> IntPlan:
+    bits, _ = int_storage(job.config.for_layer(job.info.name).int_bits, job.opset)
+    q, scales = intq.quantize_weights(job.weight, bits)
+    return int_plan(job.info, job.weight, bits, q, scales)
+
+
+@register("int", "output")
+def fit_int_output(job: Job) -> IntPlan:
+    bits, _ = int_storage(job.config.for_layer(job.info.name).int_bits, job.opset)
+    q, scales, bias = intq.quantize_output_aware(job.weight, job.stats, bits, job.config.calibration_damp)
+    n = job.weight.shape[0]
+    return int_plan(job.info, job.weight, bits, q, scales, bias, fitter="output",
+                    output_rel_error=job.stats.relative_error(intq.decode(q, scales).reshape(n, -1), bias))
+
+
 def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray] | None,
                config: CompressConfig, targets: calibrate.Targets | None = None,
-               progress: Callable[[str], None] | None = None) -> dict[int, LayerPlan]:
+               progress: Callable[[str], None] | None = None) -> dict[int, Plan]:
     """node index -> LayerPlan for every eligible Conv. Without data: weights-only fits in parallel. With
     data: graph order, each layer on the inputs of the model compressed so far (see calibrate.py)."""
     if feeds is None:
@@ -100,16 +149,17 @@ def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, n
     targets = targets or calibrate.original_targets(model, todo, feeds, config)
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    plans: dict[int, LayerPlan] = {}
-    done: dict[tuple, LayerPlan] = {}  # (weight, settings) -> plan: layers sharing a weight share a fit
+    opset = default_opset(model)
+    plans: dict[int, Plan] = {}
+    done: dict[tuple, Plan] = {}  # (weight, settings) -> plan: layers sharing a weight share a fit
     for info in todo:
         key = (info.weight_name, config.for_layer(info.name))
         if key in done:
             plan = done[key]
         else:
-            fitter, reason = choose(info, config, calibrated=True)
+            fitter, reason = choose(info, config, calibrated=True, opset=opset)
             stats = calibrate.layer_stats(work, info, feeds, targets) if needs_data(fitter) else None
-            plan = FITTERS[fitter](Job(info, weights[info.weight_name], config, stats))
+            plan = FITTERS[fitter](Job(info, weights[info.weight_name], config, stats, opset))
             if reason:
                 plan = _with_fallback(plan, reason)
         done[key] = plans[info.node_index] = plan
@@ -119,13 +169,13 @@ def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, n
     return plans
 
 
-def _with_fallback(plan: LayerPlan, reason: str) -> LayerPlan:
+def _with_fallback(plan: Plan, reason: str) -> Plan:
     from dataclasses import replace
 
     return replace(plan, fallback=reason)
 
 
-def _weights_only(model, infos, config, progress) -> dict[int, LayerPlan]:
+def _weights_only(model, infos, config, progress) -> dict[int, Plan]:
     """Weights-only plans, layers in parallel threads (largest first; numpy releases the GIL in the
     products that dominate a fit, each of which keeps BLAS to one thread). Layers sharing a weight and
     settings share one fit. The result does not depend on the number of workers."""
@@ -136,12 +186,15 @@ def _weights_only(model, infos, config, progress) -> dict[int, LayerPlan]:
             users.setdefault((info.weight_name, config.for_layer(info.name)), []).append(info)
     order = sorted(users, key=lambda key: -int(np.prod(weights[key[0]].dims, dtype=np.int64)))
     workers = min(_cpu_count(), len(order)) or 1
-    fitter = FITTERS["binary", "weights"]
+    opset = default_opset(model)
 
     def fit(key):
-        return fitter(Job(users[key][0], numpy_helper.to_array(weights[key[0]]), config))
+        info = users[key][0]
+        fitter, reason = choose(info, config, calibrated=False, opset=opset)
+        plan = FITTERS[fitter](Job(info, numpy_helper.to_array(weights[key[0]]), config, opset=opset))
+        return _with_fallback(plan, reason) if reason else plan
 
-    by_node: dict[int, LayerPlan] = {}
+    by_node: dict[int, Plan] = {}
     with one_blas_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(fit, key): key for key in order}
         for future in as_completed(futures):

@@ -1,7 +1,9 @@
 """Planning one layer: codebook size, fit, execution form and stored bits.
 
-A LayerPlan holds everything the rewrite writes for one weight tensor; fine-tuning reads a plan
-and writes a plan.
+A LayerPlan (binary-stacked) or an IntPlan (per-channel int8 / int4) holds everything the rewrite writes
+for one weight tensor; fine-tuning reads a plan and writes a plan. Both answer the same questions the
+rewrite, the calibration pass and the report ask: representation, bits(), original_bits(), stores_bias,
+bias, execution, fitter, fallback, errors, decoded_weight().
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import numpy as np
 
 from .analyse import ConvInfo
 from .config import CompressConfig
-from .core import cost
-from .core.fit import BinaryFit, ceil_div, fit_binary_codebook, relative_error, to_slices
+from .core import cost, intq
+from .core.fit import BinaryFit, ceil_div, fit_binary_codebook, from_slices, relative_error, to_slices
 from .errors import ConfigError
 
 
@@ -43,9 +45,16 @@ class LayerPlan:
         return replace(self, fit=fit, weight_rel_error=weight_rel_error, bias=bias,
                        output_rel_error=output_rel_error, fitter=fitter or self.fitter)
 
+    representation = "binary"
+
     @property
     def stores_bias(self) -> bool:
         return self.has_bias or self.bias is not None
+
+    def decoded_weight(self) -> np.ndarray:
+        """W_hat (N, Cg, kh, kw) float32, as the model computes with it."""
+        _, cg, kh, kw = self.shape
+        return from_slices(self.fit.decode(), cg, (kh, kw)).astype(np.float32)
 
     @property
     def slices(self) -> int:
@@ -68,6 +77,65 @@ class LayerPlan:
         n, cg, kh, kw = self.shape
         args = (n, cg, kh, kw, self.slices, self.slice_dim, self.codebook_size)
         return {"original": cost.macs_per_pixel("dense", *args), "compressed": cost.macs_per_pixel(self.execution, *args)}
+
+
+@dataclass(frozen=True)
+class IntPlan:
+    """One Conv weight (N, Cg, kh, kw) as per-output-channel integers: W_hat[i] = scales[i] * values[i]
+    (DequantizeLinear, axis 0, zero point 0), run as the original Conv (execution "dense").
+
+    int_bits is what is stored (4 or 8); it can be less than what was asked for (int4 -> int8 below
+    opset 21), and `fallback` then says so."""
+
+    name: str
+    weight_name: str
+    shape: tuple[int, int, int, int]
+    int_bits: int
+    values: np.ndarray = field(repr=False, compare=False)  # (N, Cg, kh, kw) int8, in core.intq.qrange(int_bits)
+    scales: np.ndarray = field(repr=False, compare=False)  # (N,) float32
+    weight_rel_error: float
+    has_bias: bool  # the original layer's
+    bias: np.ndarray | None = field(default=None, repr=False, compare=False)  # new bias from calibration
+    output_rel_error: float | None = None
+    fitter: str = "weights"
+    fallback: str | None = None
+    note: str | None = None
+    execution: str = "dense"
+
+    @property
+    def representation(self) -> str:
+        return f"int{self.int_bits}"
+
+    @property
+    def stores_bias(self) -> bool:
+        return self.has_bias or self.bias is not None
+
+    def decoded_weight(self) -> np.ndarray:
+        return intq.decode(self.values, self.scales)
+
+    def bits(self) -> dict[str, int]:
+        n, cg, kh, kw = self.shape
+        return cost.int_bits(n, cg * kh * kw, self.int_bits, self.stores_bias)
+
+    def original_bits(self) -> int:
+        n, cg, kh, kw = self.shape
+        return cost.dense_bits(n, cg, kh, kw, self.has_bias)
+
+    def macs_per_pixel(self) -> dict[str, int]:
+        n, cg, kh, kw = self.shape
+        macs = cost.macs_per_pixel("dense", n, cg, kh, kw, 1, cg, 2)
+        return {"original": macs, "compressed": macs}
+
+
+def int_plan(info: ConvInfo, weight: np.ndarray, int_bits: int, values: np.ndarray, scales: np.ndarray,
+             bias: np.ndarray | None = None, **extra) -> IntPlan:
+    """The IntPlan of integers `values` (N, Cg, kh, kw) and `scales` (N,) for weight (N, Cg, kh, kw)."""
+    w_hat = intq.decode(values, scales)
+    norm = float(np.linalg.norm(weight))
+    err = float(np.linalg.norm(weight - w_hat)) / norm if norm > 0 else 0.0
+    return IntPlan(name=info.name, weight_name=info.weight_name, shape=tuple(weight.shape), int_bits=int_bits,
+                   values=values, scales=scales.astype(np.float32), weight_rel_error=err,
+                   has_bias=info.bias_name is not None, bias=bias, **extra)
 
 
 def default_codebook_size(slices: int, config: CompressConfig) -> int:

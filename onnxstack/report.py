@@ -6,12 +6,12 @@ import math
 
 from .analyse import ConvInfo
 from .core import cost
-from .plan import LayerPlan
+from .plan import IntPlan, LayerPlan
 
 SUMMARY_KEYS = ("conv_bits_original", "conv_bits_compressed", "conv_ratio", "layers_compressed", "layers_skipped")
 
 
-def layer_entry(info: ConvInfo, plan: LayerPlan | None) -> dict:
+def layer_entry(info: ConvInfo, plan: LayerPlan | IntPlan | None) -> dict:
     entry = {"name": info.name, "weight": info.weight_name, "shape": list(info.shape) if info.shape else None,
              "group": info.group}
     if plan is None:
@@ -21,9 +21,14 @@ def layer_entry(info: ConvInfo, plan: LayerPlan | None) -> dict:
             entry["bits"] = cost.dense_bits(n, cg, kh, kw, info.bias_name is not None)
         return entry
     bits = plan.bits()
+    entry["representation"] = plan.representation
+    if isinstance(plan, IntPlan):  # per-channel integers: one float32 scale an output channel
+        entry.update({"int_bits": plan.int_bits, "scale": "channel"})
+    else:
+        entry.update({"slice_dim": plan.slice_dim, "slices": plan.slices, "codebook_size": plan.codebook_size,
+                      "terms": plan.terms, "scale": plan.scale})
     entry.update({
-        "slice_dim": plan.slice_dim, "slices": plan.slices, "codebook_size": plan.codebook_size, "terms": plan.terms,
-        "scale": plan.scale, "execution": plan.execution, "bits": bits["total"], "bits_by_part": bits,
+        "execution": plan.execution, "bits": bits["total"], "bits_by_part": bits,
         "original_bits": plan.original_bits(), "ratio": plan.original_bits() / bits["total"],
         "weight_rel_error": plan.weight_rel_error, "macs_per_pixel": plan.macs_per_pixel(), "fitter": plan.fitter,
     })
@@ -37,7 +42,8 @@ def layer_entry(info: ConvInfo, plan: LayerPlan | None) -> dict:
     return entry
 
 
-def build_report(layers: list[tuple[ConvInfo, LayerPlan | None]], original_bytes: int, compressed_bytes: int) -> dict:
+def build_report(layers: list[tuple[ConvInfo, LayerPlan | IntPlan | None]], original_bytes: int,
+                 compressed_bytes: int) -> dict:
     """Totals count every stored tensor once, and every one that is stored: weights and biases shared by
     several layers once; a weight compressed twice (two layers, different settings) twice; a compressed
     weight that another node still reads, with the dense copy the file keeps; a weight that is not a
@@ -92,23 +98,25 @@ def _weight_bits(info: ConvInfo) -> dict[str, int]:
 
 def format_table(report: dict) -> str:
     """Per-layer before/after table with totals."""
-    head = ["layer", "shape", "d", "m", "k", "fit", "form", "bits before", "bits after", "ratio", "SNR dB", "w.err"]
+    head = ["layer", "shape", "repr", "d", "m", "k", "fit", "form", "bits before", "bits after", "ratio", "SNR dB",
+            "w.err"]
     rows = []
     for e in report["layers"]:
         shape = "x".join(map(str, e["shape"])) if e["shape"] else "?"
         if "skipped" in e:
             b = str(e.get("bits", "?"))
-            rows.append([e["name"], shape, "-", "-", "-", "-", "skipped", b, b, "1.0", "-", e["skipped"]])
+            rows.append([e["name"], shape, "float", "-", "-", "-", "-", "skipped", b, b, "1.0", "-", e["skipped"]])
         else:
             fit = e.get("fitter", "-") + ("*" if "fallback" in e else "")
-            rows.append([e["name"], shape, str(e["slice_dim"]), str(e["codebook_size"]), str(e["terms"]), fit,
-                         e["execution"],
+            dmk = [str(e[k]) if k in e else "-" for k in ("slice_dim", "codebook_size", "terms")]
+            rows.append([e["name"], shape, e.get("representation", "binary"), *dmk, fit, e["execution"],
                          str(e["original_bits"]), str(e["bits"]), f"{e['ratio']:.1f}",
                          f"{e['output_snr_db']:.1f}" if "output_snr_db" in e else "-", f"{e['weight_rel_error']:.3f}"])
     ratio = report["conv_ratio"]
-    rows.append(["total (convs)", "", "", "", "", "", "", str(report["conv_bits_original"]),
+    rows.append(["total (convs)", "", "", "", "", "", "", "", str(report["conv_bits_original"]),
                  str(report["conv_bits_compressed"]), f"{ratio:.1f}" if ratio else "-", "", ""])
-    rows.append(["file (bytes)", "", "", "", "", "", "", str(report["original_bytes"]), str(report["compressed_bytes"]),
+    rows.append(["file (bytes)", "", "", "", "", "", "", "", str(report["original_bytes"]),
+                 str(report["compressed_bytes"]),
                  f"{report['file_ratio']:.1f}" if report["file_ratio"] else "-", "", ""])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
     lines = []

@@ -48,3 +48,22 @@ def index_dtype(m: int) -> np.dtype:
     if m <= 1 << 16:
         return np.dtype(np.uint16)
     return np.dtype(np.uint32)
+
+
+def pack_int4(values: np.ndarray) -> bytes:
+    """Integers in [-8, 7] (any shape) -> ONNX INT4 raw bytes: two's-complement nibbles in row-major order,
+    element 2i in the low nibble of byte i, 2i+1 in the high one; an odd count leaves the last high nibble 0."""
+    flat = values.astype(np.int8).ravel()
+    if flat.size and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError(f"int4 values must be in [-8, 7], got [{flat.min()}, {flat.max()}]")
+    nib = (flat.astype(np.uint8) & 0x0F)
+    if nib.size % 2:
+        nib = np.append(nib, np.uint8(0))
+    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def unpack_int4(raw: bytes, count: int) -> np.ndarray:
+    """ONNX INT4 raw bytes -> int8 array of `count` values (the inverse of pack_int4)."""
+    b = np.frombuffer(raw, np.uint8)
+    nib = np.stack([b & 0x0F, b >> 4], axis=1).ravel()[:count].astype(np.int8)
+    return np.where(nib > 7, nib - 16, nib).astype(np.int8)

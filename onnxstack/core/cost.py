@@ -5,6 +5,11 @@ Stored bits of a compressed layer (N filters, s slices of d x kh x kw, m codewor
   indices   N * s * k * 8 * itemsize     (uint8 up to m = 256, else uint16)
   scales    16 * N * s * k (per slice) or 16 * N * k (per filter)
   bias      32 * N when present
+Stored bits of an integer layer (per-channel int8 / int4 weights through DequantizeLinear, zero point 0,
+not stored):
+  weights   bits * N * K               (K = Cg*kh*kw; int4 packs two a byte: 8 * ceil(N*K/2))
+  scales    32 * N                     (float32, which DequantizeLinear takes at every opset >= 13)
+  bias      32 * N when present
 MACs per output pixel:
   dense     N * Cg * kh * kw                         (same as the original Conv)
   stacked   s * M' * d * kh * kw  +  N * s * M'       (M' = 8 * ceil(m/8) codewords)
@@ -33,6 +38,18 @@ def compressed_bits(n_out: int, slices: int, d: int, kh: int, kw: int, m: int, s
         "codebook": 8 * packed_rows(m) * d * kh * kw,
         "indices": n_out * slices * terms * 8 * index_dtype(m).itemsize,
         "scales": 16 * n_out * (slices if scale == "slice" else 1) * terms,
+        "bias": 32 * n_out if has_bias else 0,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def int_bits(n_out: int, k: int, bits: int, has_bias: bool) -> dict[str, int]:
+    """Every stored bit of one integer layer (N output channels, K weights each), by part, plus the total."""
+    count = n_out * k
+    parts = {
+        "weights": 8 * ((count + 1) // 2) if bits == 4 else 8 * count,
+        "scales": 32 * n_out,
         "bias": 32 * n_out if has_bias else 0,
     }
     parts["total"] = sum(parts.values())

@@ -6,7 +6,8 @@
 
 Initializers become three kinds of state:
   - float initializers that feed the weights of Conv, ConvTranspose, Gemm, MatMul,
-    BatchNormalization (scale, B) or PRelu: nn.Parameters in `params`, keyed by a sanitised name;
+    BatchNormalization (scale, B), PRelu or the scale of DequantizeLinear (integer layers: their integers
+    stay frozen buffers): nn.Parameters in `params`, keyed by a sanitised name;
   - each StackedBinaryConv node: a StackedBinaryConv2d layer in `layers` (its codebook, indices,
     scales and bias; tensors shared by several nodes are shared Parameters);
   - everything else (BatchNorm statistics, constants, shapes): non-trainable buffers.
@@ -36,7 +37,7 @@ from .ops import OPS, UnsupportedAttribute
 # op type -> input positions whose float initializers are trainable parameters
 PARAM_INPUTS = {
     "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1),
-    "BatchNormalization": (1, 2), "PRelu": (1,),
+    "BatchNormalization": (1, 2), "PRelu": (1,), "DequantizeLinear": (1,),
 }
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -266,7 +267,10 @@ def _constant_value(node: Node) -> torch.Tensor:
 
 
 def _to_torch(arr: np.ndarray) -> torch.Tensor:
-    """numpy -> torch; float16/bfloat16/double train as float32, unsigned wide ints as int64."""
+    """numpy -> torch; float16/bfloat16/double train as float32, unsigned wide ints as int64, int4/uint4
+    (ml_dtypes) as int8/uint8."""
+    if arr.dtype.name in ("int4", "uint4"):
+        return torch.from_numpy(arr.astype(np.int8 if arr.dtype.name == "int4" else np.uint8))
     if arr.dtype.kind == "f":
         return torch.from_numpy(np.array(arr, dtype=np.float32))
     if arr.dtype in (np.uint16, np.uint32, np.uint64, np.int32, np.int16):

@@ -6,7 +6,7 @@ ONNX operator spec of that opset (inference mode: BatchNormalization uses its st
 Dropout is the identity). Shape-like inputs (Reshape's shape, Slice's starts, Pad's pads, ...) are
 read as Python ints, so any batch size works without re-building the module.
 
-The converters live in one module per op family (conv, elementwise, pool, shape, resize); importing this
+The converters live in one module per op family (conv, elementwise, pool, shape, resize, quant); importing this
 package registers them all in OPS, in that order.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 from . import conv, elementwise, pool  # noqa: F401, I001
 from . import shape  # noqa: F401, I001
 from . import resize  # noqa: F401, I001
+from . import quant  # noqa: F401, I001
 from .conv import conv_nd, conv_pads, torch_pad
 from .registry import DTYPES, OPS, UnsupportedAttribute, ints, register, scalar
 
