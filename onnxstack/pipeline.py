@@ -171,7 +171,7 @@ def check_codebook_sizes(infos: list[ConvInfo], config: CompressConfig) -> None:
     """An explicit m must fit every layer it applies to (checked before any work is done)."""
     for info in infos:
         settings = config.for_layer(info.name)
-        if info.eligible and settings.codebook_size is not None:
+        if info.eligible and settings.codebook_size is not None and settings.int_bits is None:
             n_slices = info.shape[0] * ceil_div(info.shape[1], settings.slice_dim)
             if settings.codebook_size > n_slices:
                 raise ConfigError(f"codebook size m={settings.codebook_size} exceeds the {n_slices} slices of layer "

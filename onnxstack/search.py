@@ -31,6 +31,8 @@ from .core import cost
 from .core.calib import LayerStats, OutputMetric, fit_output_aware, fit_output_aware_filter
 from .core.fit import ceil_div, from_slices
 from .errors import ConfigError, OnnxstackError
+from .fitters import int_candidate, int_storage
+from .normalise import default_opset
 from .runtime import predict_top1
 
 log = logging.getLogger("onnxstack")
@@ -58,10 +60,11 @@ class Candidate:
     terms: int
     bits: int
     damage: float
+    representation: str = "binary"  # "binary", "int8", "int4" or "float" (kept dense)
 
     @property
     def dense(self) -> bool:
-        return self.slice_dim == 0
+        return self.representation == "float"
 
 
 def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, int, int]]:
@@ -108,14 +111,22 @@ def damage(weight: np.ndarray, fit, new_bias: np.ndarray, stats: LayerStats) -> 
 
 
 def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,
-                     config: CompressConfig) -> tuple[list[Candidate], dict]:
+                     config: CompressConfig, opset: int) -> tuple[list[Candidate], dict]:
     """The layer's candidates with their (layer-local) damage, and the decoded weight and bias of the one
-    nearest REFERENCE_RATIO (to measure the layer's end-to-end sensitivity with)."""
+    nearest REFERENCE_RATIO (to measure the layer's end-to-end sensitivity with).
+
+    Candidates: the binary ladder, int8 and (where the opset has INT4 DequantizeLinear) int4 per channel,
+    and float. A representation the user fixed for the layer (a LayerOverride) is the only one tried."""
     out = []
     n, cg, kh, kw = weight.shape
     dense_bits = cost.dense_bits(n, cg, kh, kw, bias is not None)
+    fixed = config.overrides.get(info.name, LayerOverride()).representation
     metrics, ref = {}, None
-    for d, m, k in candidate_grid(info, config):
+    for int_bits in (8, 4):
+        if fixed in (None, f"int{int_bits}") and int_storage(int_bits, opset)[0] == int_bits:
+            bits, harm = int_candidate(info, weight, bias, stats, int_bits, opset, config.calibration_damp)
+            out.append(Candidate(0, 0, 0, bits, harm, f"int{int_bits}"))
+    for d, m, k in (candidate_grid(info, config) if fixed in (None, "binary") else []):
         if d not in metrics:
             metrics[d] = OutputMetric.build(stats, n, cg, d, (kh, kw), config.calibration_damp)
         if config.scale == "filter":
@@ -129,7 +140,7 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
         distance = abs(np.log(dense_bits / bits / REFERENCE_RATIO))
         if out[-1].damage > 0 and (ref is None or distance < ref[0]):
             ref = (distance, out[-1], from_slices(fit.decode(), cg, (kh, kw)), new_bias)
-    out.append(Candidate(0, 0, 0, dense_bits, 0.0))
+    out.append(Candidate(0, 0, 0, dense_bits, 0.0, "float"))
     return out, ({"candidate": ref[1], "weight": ref[2], "bias": ref[3]} if ref else {})
 
 
@@ -211,9 +222,13 @@ def overrides_for(choice: dict[str, Candidate], config: CompressConfig) -> Compr
         old = ov.get(name, LayerOverride())
         if c.dense:
             ov[name] = LayerOverride(skip=True, reason="kept dense by the target-ratio allocation")
+        elif c.representation != "binary":
+            ov[name] = LayerOverride(representation=c.representation, execution=old.execution, skip=old.skip,
+                                     reason=old.reason)
         else:
             ov[name] = LayerOverride(slice_dim=c.slice_dim, codebook_size=c.codebook_size, terms=c.terms,
-                                     execution=old.execution, skip=old.skip, reason=old.reason)
+                                     execution=old.execution, skip=old.skip, reason=old.reason,
+                                     representation=old.representation)
     return replace(config, overrides=ov)
 
 
@@ -239,7 +254,7 @@ class Candidates:
             raise ConfigError(f"target ratio {target_ratio:g} is out of reach: the layers left dense alone "
                               f"take {self.fixed_bits} of the {self.total_bits / target_ratio:.0f} bits it allows")
         choice = allocate(self.per_layer, budget)
-        table = {name: {"slice_dim": c.slice_dim or None, "codebook_size": c.codebook_size or None,
+        table = {name: {"representation": c.representation, "slice_dim": c.slice_dim or None, "codebook_size": c.codebook_size or None,
                         "terms": c.terms or None, "dense": c.dense, "bits": c.bits, "damage": c.damage,
                         "candidates": len(self.per_layer[name]), "sensitivity": self.sensitivity.get(name)}
                  for name, c in choice.items()}
@@ -258,6 +273,7 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
     infos = [wide[i.node_index] if i.node_index in wide and not i.eligible and wide[i.node_index].eligible
              and "slice depth" in (i.reason or "") else i for i in infos]
     todo = [i for i in infos if i.eligible and i.group == 1]
+    opset = default_opset(model)
     targets = original_targets(model, todo, feeds, config, with_stats=True)
     fixed, total, cands, refs, seen = 0, 0, {}, {}, set()
     for info in infos:
@@ -271,7 +287,7 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
             continue
         bias = weights[info.bias_name] if info.bias_name else None
         cands[info.name], ref = layer_candidates(info, weights[info.weight_name], bias,
-                                                 targets.stats[info.node_index], config)
+                                                 targets.stats[info.node_index], config, opset)
         if ref:
             refs[info.name] = ref
     if not cands:

@@ -276,3 +276,24 @@ def test_api_refuses_an_already_compressed_model():
     once = onnxstack.compress(model, CompressConfig(slice_dim=8)).model
     with pytest.raises(onnxstack.ModelError, match="already compressed by onnxstack"):
         onnxstack.compress(once, CompressConfig(slice_dim=8))
+
+
+# --- the search: a ladder with no holes, mixed representations ---------------------------------------------
+
+
+def test_target_ratio_lands_within_15_percent_from_4_to_100():
+    model = conv_model([{"in": 32, "out": 64, "pads": [1, 1, 1, 1]}, {"out": 128, "pads": [1, 1, 1, 1]}], hw=(6, 6))
+    feeds = _feeds(model, 48)
+    for target in (4, 6, 8, 12, 16, 24, 32, 48, 64, 100):
+        ratio = onnxstack.compress(model, CompressConfig(), data=feeds, target_ratio=target).report["conv_ratio"]
+        assert target / 1.15 <= ratio <= target * 1.15, (target, ratio)
+
+
+def test_search_mixes_int8_where_it_pays_and_says_so():
+    model = conv_model([{"in": 16, "out": 32, "pads": [1, 1, 1, 1]}, {"out": 64, "pads": [1, 1, 1, 1]}], hw=(8, 8))
+    result = onnxstack.compress(model, CompressConfig(), data=_feeds(model, 48), target_ratio=4)
+    alloc = result.report["allocation"]
+    reps = {e["name"]: e["representation"] for e in result.report["layers"]}
+    assert "int8" in reps.values()  # 4x is int8's ratio: the cheapest way to keep the outputs
+    assert all(alloc[name]["representation"] == rep for name, rep in reps.items() if name in alloc)
+    assert all(a["sensitivity"] is not None and a["sensitivity"] > 0 for a in alloc.values())
