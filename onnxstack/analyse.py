@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from .config import CompressConfig
-from .core.fit import F16_MAX, ceil_div, to_slices
+from .core.fit import F16_MAX, ceil_div, slice_depth, to_slices
 from .graphs import subgraphs
 from .op import CONV_ATTRS
 

@@ -1,11 +1,13 @@
 """Stage 1 of the pipeline: the model in the one form analysis expects. Outputs never change.
 
-- Constant nodes whose value a Conv reads as weight or bias become initializers, and so do constant
-  chains (Identity, Cast, Reshape, Transpose, Squeeze, Unsqueeze, Flatten of initializers) that feed a
-  Conv weight or bias: torch.onnx.export shares equal initializers through Identity nodes.
+- Constant nodes whose value a Conv (or Gemm, MatMul) reads as weight or bias become initializers, and
+  so do constant chains (Identity, Cast, Reshape, Transpose, Squeeze, Unsqueeze, Flatten of initializers)
+  that feed one: torch.onnx.export shares equal initializers through Identity nodes.
 - A 1-D Conv with a constant float weight that only 1-D Convs read becomes Unsqueeze(axis 2) ->
   2-D Conv (weight (N, C, 1, k), attributes extended with the unit axis) -> Squeeze(axis 2); the
   Conv keeps its name, so configs and reports address it as before.
+- A fully connected layer (Gemm, or MatMul of a rank-2 input) with a constant 2-D weight becomes
+  Unsqueeze -> Conv 1x1 -> Squeeze in the same way, so it is compressed like a Conv.
 - Declared intermediate shapes (value_info) are dropped when inference contradicts them.
 - A model below the op's opset is upgraded, and the upgrade proven on a random input.
 """
@@ -38,6 +40,8 @@ def canonical(model: onnx.ModelProto) -> onnx.ModelProto:
         _constants_to_initializers(model.graph)
         fold_constant_params(model)
     _lift_conv1d(model)
+    if model.ir_version >= 4:
+        _lift_linear(model)
     _drop_contradicted_value_info(model)
     return model
 
@@ -56,8 +60,8 @@ def _drop_contradicted_value_info(model: onnx.ModelProto) -> None:
 
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> None:
-    conv_params = {n.input[i] for n in graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx")
-                   for i in (1, 2) if len(n.input) > i and n.input[i]}
+    conv_params = {n.input[i] for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")
+                   and n.domain in ("", "ai.onnx") for i in (1, 2) if len(n.input) > i and n.input[i]}
     outputs = {o.name for o in graph.output}
     keep = []
     for node in graph.node:
@@ -124,6 +128,93 @@ def _lift_conv1d(model: onnx.ModelProto) -> None:
         sq = _axis_node("Squeeze", y2, node.output[0], axes, f"{base}/squeeze", fresh)
         nodes.extend([unsq, conv, sq])
     replace_nodes(graph, nodes)
+
+
+def _lift_linear(model: onnx.ModelProto) -> None:
+    """Gemm (alpha = beta = 1, transA = 0, a 1-D or no bias) and MatMul of a rank-2 input with a constant 2-D
+    float weight that no other node reads become Unsqueeze(axes 2, 3) -> Conv 1x1 (weight (N, K, 1, 1))
+    -> Squeeze(axes 2, 3): the same product, which the Conv machinery then compresses like any layer. The
+    Conv keeps the node's name."""
+    graph = model.graph
+    inputs = {i.name for i in graph.input}
+    weights = {t.name: t for t in graph.initializer if t.name not in inputs}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    blocked = subgraph_reads(graph) | {o.name for o in graph.output}
+    rank2 = _rank2_values(model)
+
+    def lift(node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Gemm", "MatMul") or len(node.input) < 2:
+            return None
+        w = weights.get(node.input[1])
+        if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT or readers[w.name] != 1 \
+                or w.name in blocked:
+            return None
+        if node.op_type == "MatMul":
+            return (False, None) if node.input[0] in rank2 else None
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or attrs.get("transA", 0):
+            return None
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        if bias is not None:
+            b = weights.get(bias)
+            n_out = w.dims[0] if attrs.get("transB", 0) else w.dims[1]
+            if b is None or list(b.dims) != [n_out] or readers[bias] != 1:
+                return None
+        return bool(attrs.get("transB", 0)), bias
+
+    plans = [lift(n) for n in graph.node]
+    if all(v is None for v in plans):
+        return
+    fresh = FreshNames({t.name for t in graph.initializer} | {i.name for i in graph.input}
+                       | {v for n in graph.node for v in (*n.input, *n.output)})
+    axes = None
+    if default_opset(model) >= 13:
+        axes = fresh("onnxstack_axes23")
+        graph.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), axes))
+    nodes = []
+    lifted = {graph.node[i].input[1] for i, p in enumerate(plans) if p is not None}
+    for index, (node, plan) in enumerate(zip(graph.node, plans)):
+        if plan is None:
+            nodes.append(node)
+            continue
+        trans_b, bias = plan
+        w = weights[node.input[1]]
+        if trans_b:
+            w.dims.extend([1, 1])  # (N, K) -> (N, K, 1, 1); the data does not move
+        else:  # (K, N): the Conv wants (N, K, 1, 1)
+            w.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T)[:, :, None, None],
+                                               w.name))
+        base = node.name or node.output[0]
+        x4, y4 = fresh(f"{node.input[0]}_4d"), fresh(f"{node.output[0]}_4d")
+        name = node.name or fresh(f"{node.op_type}_{index}")  # an unnamed layer keeps its name of the input model
+        conv = helper.make_node("Conv", [x4, w.name] + ([bias] if bias else []), [y4], name=name, kernel_shape=[1, 1])
+        nodes += [_axes_node("Unsqueeze", node.input[0], x4, axes, f"{base}/unsqueeze", fresh), conv,
+                  _axes_node("Squeeze", y4, node.output[0], axes, f"{base}/squeeze", fresh)]
+    for v in [v for v in graph.value_info if v.name in lifted]:
+        graph.value_info.remove(v)
+    replace_nodes(graph, nodes)
+
+
+def _axes_node(op_type, x, y, axes, name, fresh):
+    if axes is not None:
+        return helper.make_node(op_type, [x, axes], [y], name=fresh(name))
+    return helper.make_node(op_type, [x], [y], name=fresh(name), axes=[2, 3])
+
+
+def _rank2_values(model: onnx.ModelProto) -> set[str]:
+    """Values that shape inference gives rank 2 (MatMul is a plain product only on those)."""
+    from .load import skeleton
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton(model)[0])
+    except Exception:  # noqa: BLE001 - unknown ranks: no MatMul is lifted
+        return set()
+    return {vi.name for vi in (*inferred.graph.input, *inferred.graph.value_info)
+            if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")
+            and len(vi.type.tensor_type.shape.dim) == 2}
 
 
 def _axis_node(op_type, x, y, axes, name, fresh):
@@ -196,7 +287,7 @@ def fold_constant_params(model: onnx.ModelProto) -> None:
     consts = {t.name: t for t in graph.initializer if t.name not in inputs}
     producer = {o: n for n in graph.node for o in n.output}
     outputs = {o.name for o in graph.output}
-    targets = [n.input[i] for n in graph.node if n.op_type == "Conv" and n.domain in ("", "ai.onnx")
+    targets = [n.input[i] for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.domain in ("", "ai.onnx")
                for i in (1, 2) if len(n.input) > i and n.input[i]]
     sub_reads = subgraph_reads(graph)
     folded: dict[str, np.ndarray] = {}

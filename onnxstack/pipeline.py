@@ -28,7 +28,7 @@ import onnx
 from . import __version__, op
 from .analyse import ConvInfo, analyse
 from .config import CompressConfig
-from .core.fit import ceil_div
+from .core.fit import ceil_div, slice_depth
 from .errors import ConfigError, ModelError, NothingToCompressError, OnnxstackError, one_line
 from .fitters import fit_layers
 from .load import check_model, load_model_and_data_files, model_bytes
@@ -172,7 +172,7 @@ def check_codebook_sizes(infos: list[ConvInfo], config: CompressConfig) -> None:
     for info in infos:
         settings = config.for_layer(info.name)
         if info.eligible and settings.codebook_size is not None and settings.int_bits is None:
-            n_slices = info.shape[0] * ceil_div(info.shape[1], settings.slice_dim)
+            n_slices = info.shape[0] * ceil_div(info.shape[1], slice_depth(settings.slice_dim, info.shape[1]))
             if settings.codebook_size > n_slices:
                 raise ConfigError(f"codebook size m={settings.codebook_size} exceeds the {n_slices} slices of layer "
                                   f"'{info.name}' (weight {list(info.shape)}, d={settings.slice_dim}); "

@@ -15,7 +15,7 @@ import numpy as np
 from .analyse import ConvInfo
 from .config import CompressConfig
 from .core import cost, intq
-from .core.fit import BinaryFit, ceil_div, fit_binary_codebook, from_slices, relative_error, to_slices
+from .core.fit import BinaryFit, ceil_div, slice_depth, fit_binary_codebook, from_slices, relative_error, to_slices
 from .errors import ConfigError
 
 
@@ -150,8 +150,8 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig, *, fi
 
     fit=False returns the plan's settings with a placeholder fit (calibration fits it)."""
     settings = config.for_layer(info.name)
-    d = settings.slice_dim
     n_out, cg, kh, kw = weight.shape
+    d = slice_depth(settings.slice_dim, cg)
     slices = to_slices(weight, d)  # (N, s, D)
     n_slices = slices.shape[0] * slices.shape[1]
     m = settings.codebook_size or default_codebook_size(n_slices, config)

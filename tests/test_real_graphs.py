@@ -128,8 +128,9 @@ def test_onnx_reference_evaluator(arch):
 def test_1d_convs_become_2d():
     result = onnxstack.compress(real_models.export("audio1d", "legacy", 13), config(13))
     ops = [n.op_type for n in result.model.graph.node]
-    assert ops.count("StackedBinaryConv") == 4 and ops.count("Unsqueeze") == ops.count("Squeeze") == 5
-    assert {tuple(layer["shape"][2:]) for layer in result.report["layers"]} == {(1, 3), (1, 5), (1, 31)}
+    # 4 convs and the fully connected head (lifted to a 1x1 Conv by one more Unsqueeze / Squeeze pair)
+    assert ops.count("StackedBinaryConv") == 5 and ops.count("Unsqueeze") == ops.count("Squeeze") == 6
+    assert {tuple(layer["shape"][2:]) for layer in result.report["layers"]} == {(1, 3), (1, 5), (1, 31), (1, 1)}
 
 
 def initializers_as_constants(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -149,7 +150,7 @@ def test_weights_in_constant_nodes(exporter):
     model = real_models.export("resnet18", exporter, 17)
     as_init = onnxstack.compress(model, config(17))
     as_const = onnxstack.compress(initializers_as_constants(model), config(17))
-    assert as_const.report["layers_compressed"] == as_init.report["layers_compressed"] == 19
+    assert as_const.report["layers_compressed"] == as_init.report["layers_compressed"] == 20  # 19 convs + fc
     x = real_models.example_input("resnet18", batch=2)
     assert_close(run_ort(as_const.model, {"input": x}), run_ort(decoded_reference(as_const.model), {"input": x}))
     assert_close(run_ort(as_const.model, {"input": x}), run_ort(as_init.model, {"input": x}), 1e-5)
@@ -165,12 +166,12 @@ class _Reader:
         return next(self.batches, None)
 
 
-def _quantize(tmp_path, arch, nodes=None):
+def _quantize(tmp_path, arch, nodes=None, op_types=("Conv",)):
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     src, dst = tmp_path / "float.onnx", tmp_path / "qdq.onnx"
     onnx.save(real_models.export(arch, "legacy", 17), src)
-    quantize_static(str(src), str(dst), _Reader(arch), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
+    quantize_static(str(src), str(dst), _Reader(arch), quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
                     nodes_to_quantize=nodes, per_channel=True)
     return dst
 
@@ -182,7 +183,7 @@ def test_weights_through_dequantize_linear_are_skipped(tmp_path):
     result = onnxstack.compress(path, config(17))
     skipped = {layer["name"]: layer.get("skipped") for layer in result.report["layers"]}
     assert all("comes from DequantizeLinear" in skipped[name] for name in convs[1:6])
-    assert result.report["layers_compressed"] == len(convs) - 6
+    assert result.report["layers_compressed"] == len(convs) - 6 + 1  # + the fully connected head
     onnx.checker.check_model(result.model, full_check=True)
     x = real_models.example_input("resnet18", batch=2)
     assert_close(run_ort(result.model, {"input": x}), run_ort(decoded_reference(result.model), {"input": x}))
@@ -190,7 +191,7 @@ def test_weights_through_dequantize_linear_are_skipped(tmp_path):
 
 def test_fully_quantized_model_is_refused_with_the_reason(tmp_path):
     with pytest.raises(NothingToCompressError, match="DequantizeLinear"):
-        onnxstack.compress(_quantize(tmp_path, "vgg16_bn"), config(17))
+        onnxstack.compress(_quantize(tmp_path, "vgg16_bn", op_types=("Conv", "Gemm", "MatMul")), config(17))
 
 
 def control_flow_model() -> onnx.ModelProto:

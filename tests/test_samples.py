@@ -34,9 +34,11 @@ def test_fashion_default_ratio(fashion_compressed):
     out, report = fashion_compressed
     assert report["conv_ratio"] >= 30
     model = onnx.load(out)
-    convs = [i for i in onnx.load(FASHION).graph.node if i.op_type == "Conv"]
+    layers = [i for i in onnx.load(FASHION).graph.node if i.op_type in ("Conv", "Gemm")]
     eligible = {e["name"] for e in report["layers"] if "skipped" not in e}
-    assert eligible and len(eligible) == len(convs) - 1  # only the 1-channel first conv stays dense
+    assert eligible and len(eligible) == len(layers) - 1  # only the 1-channel first conv stays dense
+    assert {"fc1", "fc2"} <= eligible  # fully connected layers are compressed like 1x1 convs
+    assert report["file_ratio"] >= 20  # the file shrinks with the layers (issue 14)
     assert all(n.domain == op.DOMAIN for n in model.graph.node if n.name in eligible)
 
 

@@ -71,6 +71,12 @@ def decode(codebook: np.ndarray, indices: np.ndarray, scales: np.ndarray) -> np.
     return np.einsum("nsq,nsqd->nsd", scales, codebook[indices])
 
 
+def slice_depth(d: int, channels: int) -> int:
+    """The slice depth a layer with `channels` input channels (a group) gets: d, or all of its channels
+    when it has fewer (an RGB or 1-channel stem: one slice a filter, across its kernel window)."""
+    return min(d, channels)
+
+
 def ceil_div(a: int, b: int) -> int:
     """ceil(a / b) for positive integers (slices of a layer: ceil_div(channels, d))."""
     return -(-a // b)
