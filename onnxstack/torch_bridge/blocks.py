@@ -47,8 +47,10 @@ class Block:
         return self.layers[0] if len(self.layers) == 1 else f"{self.layers[0]}..{self.layers[-1]}"
 
 
-def find_blocks(model: onnx.ModelProto, *, max_layers: int = 8) -> list[Block]:
-    """The reconstruction blocks of a compressed model, in graph order."""
+def find_blocks(model: onnx.ModelProto, *, max_layers: int = 8, group: int = 1) -> list[Block]:
+    """The reconstruction blocks of a compressed model, in graph order; with group > 1, runs of
+    consecutive cut-to-cut blocks are merged (with the nodes between them) until each holds at least
+    `group` compressed convs (the last may hold fewer), so a chain CNN gets multi-layer blocks."""
     graph = model.graph
     nodes = list(graph.node)
     const = _constants(graph)
@@ -70,7 +72,22 @@ def find_blocks(model: onnx.ModelProto, *, max_layers: int = 8) -> list[Block]:
             span += atoms[i]
             i += 1
         blocks.append(_block(nodes, span, const, "block"))
-    return blocks
+    return _grouped(nodes, blocks, const, group) if group > 1 else blocks
+
+
+def _grouped(nodes: list[onnx.NodeProto], blocks: list[Block], const: set[str], group: int) -> list[Block]:
+    out: list[Block] = []
+    run: list[Block] = []
+    for block in [*blocks, None]:
+        if run and (block is None or block.kind != "block" or sum(len(b.layers) for b in run) >= group):
+            span = list(range(run[0].nodes[0], run[-1].nodes[-1] + 1))
+            out.append(_block(nodes, span, const, "block") if len(run) > 1 else run[0])
+            run = []
+        if block is not None and block.kind != "block":
+            out.append(block)
+        elif block is not None:
+            run.append(block)
+    return out
 
 
 # --- graph analysis ------------------------------------------------------------------------------------

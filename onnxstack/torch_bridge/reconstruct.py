@@ -60,6 +60,7 @@ class ReconstructConfig:
     model instead of the compressed one; loss: "mse" (relative) or "channel" (per-channel normalised);
     max_images: calibration images used; memory_mb: cap of the cached activations (fewer images
     when they would not fit); max_block_layers: larger cut-free regions fall back to one layer a block;
+    group: merge consecutive blocks until each holds at least this many compressed convs;
     max_minutes: wall-time limit of the whole run (shared out over the blocks left; None: no limit);
     device: "cpu", "cuda", "cuda:K" or "auto"; threads: torch CPU threads (None: torch's default);
     seed: minibatches and mixing masks.
@@ -67,7 +68,7 @@ class ReconstructConfig:
 
     steps: int = 500
     batch_size: int = 32
-    lr: float = 3e-3
+    lr: float = 1e-2
     latent_lr: float = 1e-3
     latent_init: float = 0.05
     train_latent: bool = True
@@ -79,13 +80,14 @@ class ReconstructConfig:
     max_images: int = 1024
     memory_mb: int = 2048
     max_block_layers: int = 8
+    group: int = 1
     max_minutes: float | None = None
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_images", "memory_mb", "max_block_layers"):
+        for name in ("steps", "batch_size", "max_images", "memory_mb", "max_block_layers", "group"):
             _positive_int(getattr(self, name), name)
         for name in ("lr", "latent_lr", "latent_init"):
             v = getattr(self, name)
@@ -157,7 +159,8 @@ class _Run:
         if sorted(self.teacher.input_names) != sorted(self.student.input_names):
             raise ModelError(f"original inputs {self.teacher.input_names} differ from the compressed model's "
                              f"{self.student.input_names}; is it the model that was compressed?")
-        self.blocks = find_blocks(compressed_model, max_layers=config.max_block_layers)
+        self.blocks = find_blocks(compressed_model, max_layers=config.max_block_layers,
+                                  group=config.group)
         self.weights = _original_weights(compressed_model, original_model)
 
     def run(self, feeds, progress) -> tuple[onnx.ModelProto, dict]:
