@@ -5,7 +5,7 @@
 For each model and target ratio: compress with the calibrated path (1,000 calibration images,
 `--target-ratio R`), then reconstruct the same compressed model with each variant below (same
 calibration images, seed 0), and score every file in onnxruntime on the 2,000 test images: top-1
-and agreement with the original's top-1. Variants (each adds to the one before, except the last two):
+and agreement with the original's top-1. Variants (the last three each add one thing to "+ scales and biases"):
   closed-form only | + latent codebooks | + scales and biases (the defaults) |
   + index re-assignment every 100 steps | + QDrop mixing 0.5 | defaults, whole chain as one block
 
@@ -27,13 +27,14 @@ import onnxstack  # noqa: E402
 from common import REPO, SAMPLES, environment, load_npz, predict, write_results  # noqa: E402
 from onnxstack.torch_bridge.reconstruct import ReconstructConfig, reconstruct  # noqa: E402
 
-VARIANTS = [
+ALL = dict(train_scales=True, train_bias=True)
+VARIANTS = [  # explicit settings, independent of ReconstructConfig's defaults
     ("closed-form only", None),
     ("+ latent codebooks", dict(train_scales=False, train_bias=False)),
-    ("+ scales and biases (defaults)", dict()),
-    ("+ index re-assignment /100 steps", dict(reassign_every=100)),
-    ("+ QDrop mixing 0.5", dict(qdrop=0.5)),
-    ("defaults, whole chain one block", dict(group=99)),
+    ("+ scales and biases", dict(ALL)),
+    ("+ index re-assignment /100 steps", dict(ALL, reassign_every=100)),
+    ("+ QDrop mixing 0.5", dict(ALL, qdrop=0.5)),
+    ("latent + scales + biases, chain as one block", dict(ALL, group=99)),
 ]
 
 
