@@ -6,8 +6,8 @@ For each model and target ratio: compress with the calibrated path (1,000 calibr
 `--target-ratio R`), then reconstruct the same compressed model with each variant below (same
 calibration images, seed 0), and score every file in onnxruntime on the 2,000 test images: top-1
 and agreement with the original's top-1. Variants (the last three each add one thing to "+ scales and biases"):
-  closed-form only | + latent codebooks | + scales and biases (the defaults) |
-  + index re-assignment every 100 steps | + QDrop mixing 0.5 | defaults, whole chain as one block
+  closed-form only | + latent codebooks (the defaults) | + scales and biases |
+  + index re-assignment every 100 steps | + QDrop mixing 0.5 | scales and biases, whole chain as one block
 
 Writes bench/results/reconstruct.{json,md} with the git commit and the machine's load average.
 """
