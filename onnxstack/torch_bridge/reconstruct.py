@@ -1,0 +1,410 @@
+"""Block reconstruction: after the closed-form calibrated fit, fit each block of the compressed model
+to reproduce the original block's output on calibration data (BRECQ-style, post-training).
+
+For each block b (see blocks.py), in graph order:
+
+    x_c = the block input computed by the compressed model (earlier blocks already reconstructed)
+    x_o = the same value in the original model;  t = the original value at the block output
+    x   = where(u < qdrop, x_o, x_c)  elementwise, u ~ U(0, 1)        (QDrop-style mixing)
+    min over the block's latent codebooks, scales, biases of  L(f_b(x), t)
+    L   = ||f_b(x) - t||^2 / ||t||^2,  or with loss="channel" the per-channel MSE over var_c(t), averaged
+
+Codebooks train through sign() with a straight-through estimator (layers.py); every
+`reassign_every` steps the indices may be re-picked against the original weights, kept only when
+the block loss drops. Adam with cosine decay; the learning rates of scales and biases are relative
+to their layer's magnitude, so one setting fits any model. A block whose loss on the cached images
+does not drop is put back as it was. Values go back into the compressed file by initializer name.
+
+    model, report = reconstruct(original, compressed, {"input": x}, ReconstructConfig(steps=500))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+from .. import __version__
+from ..errors import ConfigError, DataError, ModelError
+from ..load import load_model
+from .activations import Frontier, graph_constants, run_nodes
+from .blocks import Block, find_blocks
+from .dist import check_device
+from .graph import OnnxModule
+from .layers import StackedBinaryConv2d
+from .writeback import set_metadata, write_back
+
+METADATA_KEY = "onnxstack.reconstruct"
+LOSSES = ("mse", "channel")
+CACHE_BATCH = 128  # images a batch when computing the cached activations
+
+
+@dataclass(frozen=True)
+class ReconstructConfig:
+    """How to reconstruct.
+
+    steps: optimisation steps per block; batch_size: images per step;
+    lr: Adam step of scales and biases, relative to the layer's mean |scale| and output rms;
+    latent_lr: Adam step of the latent codebooks (bits flip when a latent value crosses 0);
+    latent_init: mean |latent| at the start (spread by the original weights' support for each bit);
+    train_latent / train_scales / train_bias: which tensors learn (latent only by default: on the
+    sample models, also training scales and biases lowered the block loss further but cost top-1);
+    reassign_every: re-pick indices against the original weights every k steps (0: never), kept
+    when the block loss drops; qdrop: probability that an input element comes from the original
+    model instead of the compressed one; loss: "mse" (relative) or "channel" (per-channel normalised);
+    max_images: calibration images used; memory_mb: cap of the cached activations (fewer images
+    when they would not fit); max_block_layers: larger cut-free regions fall back to one layer a block;
+    group: merge consecutive blocks until each holds at least this many compressed convs;
+    max_minutes: wall-time limit of the whole run (shared out over the blocks left; None: no limit);
+    device: "cpu", "cuda", "cuda:K" or "auto"; threads: torch CPU threads (None: torch's default);
+    seed: minibatches and mixing masks.
+    """
+
+    steps: int = 500
+    batch_size: int = 32
+    lr: float = 1e-2
+    latent_lr: float = 1e-3
+    latent_init: float = 0.05
+    train_latent: bool = True
+    train_scales: bool = False
+    train_bias: bool = False
+    reassign_every: int = 0
+    qdrop: float = 0.0
+    loss: str = "mse"
+    max_images: int = 1024
+    memory_mb: int = 2048
+    max_block_layers: int = 8
+    group: int = 1
+    max_minutes: float | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_images", "memory_mb", "max_block_layers", "group"):
+            _positive_int(getattr(self, name), name)
+        for name in ("lr", "latent_lr", "latent_init"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number > 0, got {v!r}")
+        if not isinstance(self.reassign_every, int) or isinstance(self.reassign_every, bool) or self.reassign_every < 0:
+            raise ConfigError(f"reassign_every must be an integer >= 0, got {self.reassign_every!r}")
+        if not isinstance(self.qdrop, (int, float)) or not 0 <= self.qdrop <= 1:
+            raise ConfigError(f"qdrop must be a probability in [0, 1], got {self.qdrop!r}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        for name in ("train_latent", "train_scales", "train_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not (self.train_latent or self.train_scales or self.train_bias):
+            raise ConfigError("nothing to train: train_latent, train_scales and train_bias are all False")
+        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0):
+            raise ConfigError(f"max_minutes must be > 0 or None, got {self.max_minutes!r}")
+        if self.threads is not None:
+            _positive_int(self.threads, "threads")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        check_device(self.device)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ReconstructConfig":
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown reconstruct option(s) {unknown}")
+        return cls(**values)
+
+
+def reconstruct(original, compressed, feeds, config: ReconstructConfig | None = None,
+                progress: Callable[[int, int, str], None] | None = None) -> tuple[onnx.ModelProto, dict]:
+    """Reconstruct every block of `compressed` (what onnxstack.compress wrote from `original`; paths or
+    ModelProtos) on calibration `feeds` (input name -> array, sample axis 0; other keys such as
+    `labels` are ignored; one array for a single-input model).
+
+    Returns the compressed model with the learned values (same nodes, initializer names, dtypes and
+    shapes) and a JSON-ready report. progress(done, total, block name) is called after each block."""
+    config = config or ReconstructConfig()
+    original_model, _ = load_model(original)
+    compressed_model, _ = load_model(compressed)
+    device = _device(config.device)
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _Run(original_model, compressed_model, config, device).run(feeds, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+class _Run:
+    def __init__(self, original_model: onnx.ModelProto, compressed_model: onnx.ModelProto,
+                 config: ReconstructConfig, device: torch.device):
+        self.config, self.device = config, device
+        self.compressed_model = compressed_model
+        self.student = OnnxModule(compressed_model).to(device).requires_grad_(False)
+        self.teacher = OnnxModule(original_model).to(device).eval().requires_grad_(False)
+        if not self.student.layers:
+            raise ModelError("the compressed model has no StackedBinaryConv layer to reconstruct; run compress first")
+        if sorted(self.teacher.input_names) != sorted(self.student.input_names):
+            raise ModelError(f"original inputs {self.teacher.input_names} differ from the compressed model's "
+                             f"{self.student.input_names}; is it the model that was compressed?")
+        self.blocks = find_blocks(compressed_model, max_layers=config.max_block_layers,
+                                  group=config.group)
+        self.weights = _original_weights(compressed_model, original_model)
+
+    def run(self, feeds, progress) -> tuple[onnx.ModelProto, dict]:
+        c = self.config
+        start = time.monotonic()
+        x = _feeds(feeds, self.student.input_names)
+        n_all = len(next(iter(x.values())))
+        per_image = self._bytes_per_image(x)
+        n = max(1, min(n_all, c.max_images, int(c.memory_mb * 2**20 // max(per_image, 1))))
+        pick = np.sort(np.random.default_rng(c.seed).choice(n_all, n, replace=False)) if n < n_all else np.arange(n)
+        batches = [{k: torch.from_numpy(np.ascontiguousarray(v[pick[i:i + CACHE_BATCH]])) for k, v in x.items()}
+                   for i in range(0, n, CACHE_BATCH)]
+        fronts = {"compressed": Frontier(self.student, batches, self.device),
+                  "original": Frontier(self.teacher, batches, self.device)}
+        records, skipped = [], []
+        for b, block in enumerate(self.blocks):
+            reason = self._unusable(block, fronts["original"])
+            if reason:
+                skipped.append({"block": block.name, "layers": list(block.layers), "reason": reason})
+            else:
+                left = None if c.max_minutes is None else c.max_minutes * 60 - (time.monotonic() - start)
+                budget = None if left is None else max(left, 0.0) / (len(self.blocks) - b)
+                records.append(self._block(b, block, fronts, budget))
+            if progress:
+                progress(b + 1, len(self.blocks), block.name)
+        seconds = time.monotonic() - start
+        totals = {"blocks": len(records), "blocks_skipped": len(skipped), "images": n, "images_given": n_all,
+                  "steps": sum(r["steps"] for r in records), "seconds": round(seconds, 2),
+                  "kept": sum(r["kept"] for r in records), "bytes_per_image": per_image, "device": str(self.device)}
+        report = {"onnxstack.version": __version__, "config": c.to_dict(), "blocks": records, "skipped": skipped,
+                  "totals": totals}
+        model = write_back(self.compressed_model, self.student)
+        set_metadata(model, {METADATA_KEY: json.dumps({"config": c.to_dict(), "totals": totals}, sort_keys=True)})
+        return model, report
+
+    def _unusable(self, block: Block, original: Frontier) -> str | None:
+        missing = [v for v in (*block.inputs, block.output) if not original.has(v)]
+        if missing:
+            return f"the original model has no value named {missing}"
+        return None
+
+    # --- one block ---
+
+    def _block(self, b: int, block: Block, fronts: dict[str, Frontier], budget: float | None) -> dict:
+        c = self.config
+        t0 = time.monotonic()
+        xs = [torch.cat(v) for v in fronts["compressed"].values(block.inputs)]
+        xo = [torch.cat(v) for v in fronts["original"].values(block.inputs)] if c.qdrop > 0 else None
+        (target,) = [torch.cat(v) for v in fronts["original"].values([block.output])]
+        for name, v in zip(block.inputs, xs):
+            if not v.is_floating_point() or len(v) != len(target):
+                raise ModelError(f"block {block.name}: input '{name}' (shape {tuple(v.shape)}) is not a batch of "
+                                 "float activations; cannot reconstruct")
+        fit = _BlockFit(self.student, block, self.weights, c, self.device, target)
+        before = fit.error(xs)
+        snapshot = fit.snapshot()
+        steps, reassigned = fit.train(xs, xo, np.random.default_rng([c.seed, b]), budget, t0)
+        after = fit.error(xs)
+        kept = after < before
+        if not kept:
+            fit.restore(snapshot)
+        fit.done()
+        return {"block": block.name, "kind": block.kind, "layers": list(block.layers), "nodes": len(block.nodes),
+                "output": block.output, "images": len(target), "steps": steps, "reassigned": reassigned,
+                "loss_before": before, "loss_after": after if kept else before, "loss_trained": after,
+                "kept": kept, "seconds": round(time.monotonic() - t0, 2)}
+
+    def _bytes_per_image(self, x: dict[str, np.ndarray]) -> int:
+        """Cached bytes per image at the worst point: both models' live values and one block's data."""
+        one = {k: torch.from_numpy(np.ascontiguousarray(v[:1])).to(self.device) for k, v in x.items()}
+        with torch.no_grad():
+            env = run_nodes(self.teacher, range(len(self.teacher.nodes)), one)
+        size = {k: v.numel() * 4 for k, v in env.items() if isinstance(v, torch.Tensor) and v.dim() and len(v) == 1}
+        front = Frontier(self.teacher, [], self.device)
+        live, worst = {k for k in one}, 0
+        for pos, node in enumerate(self.teacher.nodes):
+            live = {v for v in live | set(node.outputs) if front.last_use.get(v, -1) > pos}
+            worst = max(worst, sum(size.get(v, 0) for v in live))
+        block = max((sum(size.get(v, 0) for v in (*bl.inputs, bl.output)) for bl in self.blocks), default=0)
+        return 2 * worst + 2 * block
+
+
+class _BlockFit:
+    """The trainable tensors of one block, its loss, and the optimisation loop."""
+
+    def __init__(self, module: OnnxModule, block: Block, weights: dict, config: ReconstructConfig,
+                 device: torch.device, target: torch.Tensor):
+        self.module, self.block, self.config, self.device, self.target = module, block, config, device, target
+        keys = dict.fromkeys(module.layer_names[module.nodes[p].outputs[0]] for p in block.nodes
+                             if module.nodes[p].op_type == "StackedBinaryConv")
+        self.layers: list[StackedBinaryConv2d] = [module.layers[k] for k in keys]
+        self.originals = [weights.get(module.layer_tensors[k]["codebook"]) for k in keys]
+        self.outputs = [module.nodes[p].outputs[0] for p in block.nodes if module.nodes[p].op_type == "StackedBinaryConv"]
+        self.weight = None
+        if config.loss == "channel" and target.dim() >= 2:
+            dims = [0, *range(2, target.dim())]
+            var = target.var(dims)
+            self.weight = (1.0 / (var + 1e-6 * var.mean() + 1e-12)).reshape(1, -1, *([1] * (target.dim() - 2)))
+            self.weight = (self.weight / self.weight.mean()).to(device)
+        self.t_norm = float(target.pow(2).mean()) + 1e-12
+        self.constants = graph_constants(module)
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        env = run_nodes(self.module, self.block.nodes, dict(zip(self.block.inputs, xs)), self.constants)
+        return env[self.block.output]
+
+    def loss(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        d = (y - t).pow(2)
+        return (d * self.weight).mean() if self.weight is not None else d.mean() / self.t_norm
+
+    @torch.no_grad()
+    def error(self, xs: list[torch.Tensor], batch: int = CACHE_BATCH) -> float:
+        """||f(x_c) - t||^2 / ||t||^2 over the cached images."""
+        self.constants = graph_constants(self.module)
+        num = den = 0.0
+        for i in range(0, len(self.target), batch):
+            t = self.target[i:i + batch].to(self.device)
+            y = self.forward([x[i:i + batch].to(self.device) for x in xs])
+            num += float((y - t).pow(2).sum())
+            den += float(t.pow(2).sum())
+        return num / max(den, 1e-30)
+
+    def snapshot(self) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in self.layers]
+
+    def restore(self, snapshot) -> None:
+        for layer, state in zip(self.layers, snapshot):
+            layer.load_state_dict(state)
+
+    def done(self) -> None:
+        for layer in self.layers:
+            layer.requires_grad_(False)
+
+    def _groups(self, xs) -> list[dict]:
+        c = self.config
+        with torch.no_grad():  # each layer's output rms sets its bias step
+            self.constants = graph_constants(self.module)
+            env = run_nodes(self.module, self.block.nodes,
+                            dict(zip(self.block.inputs, [x[:CACHE_BATCH].to(self.device) for x in xs])), self.constants)
+        groups = []
+        for layer, original, out in zip(self.layers, self.originals, self.outputs):
+            if c.train_latent:
+                if original is not None:
+                    layer.init_latent(original, c.latent_init)
+                else:
+                    layer.latent.data.mul_(c.latent_init / layer.latent.detach().abs().mean().clamp_min(1e-12))
+                groups.append({"params": [layer.latent], "lr": c.latent_lr})
+            if c.train_scales:
+                groups.append({"params": [layer.scales], "lr": c.lr * float(layer.scales.detach().abs().mean())})
+            if c.train_bias and layer.bias is not None:
+                groups.append({"params": [layer.bias], "lr": c.lr * float(env[out].pow(2).mean().sqrt()) + 1e-12})
+        for g in groups:
+            g["base_lr"] = g["lr"]
+            for p in g["params"]:
+                p.requires_grad_(True)
+        return groups
+
+    def train(self, xs, xo, rng: np.random.Generator, budget: float | None, t0: float) -> tuple[int, int]:
+        """Runs the optimisation; returns (steps done, indices changed by kept re-assignments)."""
+        c = self.config
+        groups = self._groups(xs)
+        opt = torch.optim.Adam(groups)
+        gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
+        n = len(self.target)
+        bs = min(c.batch_size, n)
+        reassigned, step = 0, 0
+        self.constants = graph_constants(self.module)
+        for step in range(1, c.steps + 1):
+            elapsed = time.monotonic() - t0
+            if budget is not None and elapsed >= budget:
+                step -= 1
+                break
+            progress = max((step - 1) / c.steps, elapsed / budget if budget else 0.0)
+            for g in groups:
+                g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+            idx = torch.from_numpy(rng.choice(n, bs, replace=False))
+            x = [v[idx] for v in xs]
+            if xo is not None:
+                x = [torch.where(torch.rand(v.shape, generator=gen) < c.qdrop, o[idx], v) for v, o in zip(x, xo)]
+            loss = self.loss(self.forward([v.to(self.device) for v in x]), self.target[idx].to(self.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if c.reassign_every and step % c.reassign_every == 0 and step < c.steps:
+                reassigned += self._reassign(xs)
+        return step, reassigned
+
+    def _reassign(self, xs, images: int = 256) -> int:
+        """Indices re-picked against the original weights; kept only when the loss on `images` drops."""
+        sub = [x[:images] for x in xs]
+        target, self.target = self.target, self.target[:images]
+        try:
+            before, snap = self.error(sub), self.snapshot()
+            changed = sum(l.reassign(w) for l, w in zip(self.layers, self.originals) if w is not None)
+            if changed and self.error(sub) >= before:
+                self.restore(snap)
+                changed = 0
+        finally:
+            self.target = target
+            self.constants = graph_constants(self.module)
+        return changed
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _feeds(feeds, input_names: list[str]) -> dict[str, np.ndarray]:
+    if isinstance(feeds, np.ndarray):
+        if len(input_names) != 1:
+            raise DataError(f"calibration data: one array given, the model has inputs {input_names}")
+        feeds = {input_names[0]: feeds}
+    if not isinstance(feeds, dict):
+        raise DataError(f"calibration data: expected a dict of arrays keyed by input name, got {type(feeds).__name__}")
+    missing = [n for n in input_names if n not in feeds]
+    if missing:
+        raise DataError(f"calibration data: no data for model input(s) {missing}; got {sorted(feeds)}")
+    out = {n: np.asarray(feeds[n]) for n in input_names}
+    counts = {len(v) for v in out.values()}
+    if len(counts) != 1 or 0 in counts:
+        raise DataError(f"calibration data: inputs must hold the same number (> 0) of samples, got {sorted(counts)}")
+    return out
+
+
+def _original_weights(compressed: onnx.ModelProto, original: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Codebook initializer name -> the original Conv weight (matched by node output name)."""
+    inits = {t.name: t for t in original.graph.initializer}
+    convs = {n.output[0]: n for n in original.graph.node if n.op_type == "Conv"}
+    out = {}
+    for node in compressed.graph.node:
+        conv = convs.get(node.output[0]) if node.op_type == "StackedBinaryConv" else None
+        if conv is not None and len(conv.input) > 1 and conv.input[1] in inits:
+            out[node.input[1]] = onnx.numpy_helper.to_array(inits[conv.input[1]])
+    return out
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: torch sees no CUDA device (torch {torch.__version__})")
+    return torch.device(name)
+
+
+def _positive_int(v, name: str) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {v!r}")
