@@ -116,7 +116,7 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
         image_opts = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
         data = load_data(data_path, model, limit=limit, seed=seed, image_options=image_opts)
         if augment is not None:
-            from onnxstack.data import augment as stretch
+            from onnxstack.augment import augment as stretch
 
             data = stretch(data, augment, seed=seed, layout=layout)
     if finetune_epochs is not None:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from onnxstack.core.calib import LayerStats
-from onnxstack.data import augment, from_arrays
+from onnxstack.augment import augment
+from onnxstack.data import from_arrays
 from onnxstack.dataquality import check_dataset, check_layer, check_samples, warn
 
 from .test_data import RGB
