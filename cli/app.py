@@ -71,6 +71,9 @@ def default_output(model: Path) -> Path:
                    "the original outputs.")
 @click.option("--limit", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Calibration samples (a seeded random subset).")
+@click.option("--augment", type=click.IntRange(min=1), metavar="N",
+              help="With image --data: stretch the calibration set N-fold with seeded random crops, shifts and "
+                   "flips (for small image sets; N x the memory).")
 @click.option("--target-ratio", type=float, help="With --data: choose d, m, k per layer to reach this conv ratio.")
 @click.option("--max-drop", type=float, metavar="POINTS",
               help="With --data: the highest ratio whose top-1 drop (labels) or disagreement stays within POINTS "
@@ -88,7 +91,7 @@ def default_output(model: Path) -> Path:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
 def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, terms, execution, skip, iterations,
-             seed, data_path, limit, target_ratio, max_drop, finetune_epochs, image_size, channels, pixel_scale, mean, std, layout,
+             seed, data_path, limit, augment, target_ratio, max_drop, finetune_epochs, image_size, channels, pixel_scale, mean, std, layout,
              report_path, external_data, inline_functions, overwrite, quiet):
     """Compress every eligible Conv of MODEL."""
     try:
@@ -97,7 +100,7 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
             terms=terms, execution=execution, skip=tuple(skip), iterations=iterations, seed=seed)
     except ConfigError as e:
         raise option_error(e) from None
-    check_compress_options(data_path, target_ratio, max_drop, finetune_epochs)
+    check_compress_options(data_path, target_ratio, max_drop, finetune_epochs, augment)
     refuse_compressed(model)
     output = output or default_output(model)
     source = model if model.exists() else None
@@ -112,6 +115,10 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
 
         image_opts = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
         data = load_data(data_path, model, limit=limit, seed=seed, image_options=image_opts)
+        if augment is not None:
+            from onnxstack.augment import augment as stretch
+
+            data = stretch(data, augment, seed=seed, layout=layout)
     if finetune_epochs is not None:
         importlib.import_module("onnxstack.torch_bridge")  # fails in one line, before compressing, without torch
     result = onnxstack.compress(model, config, data=data, target_ratio=target_ratio, max_drop=max_drop,
@@ -167,7 +174,7 @@ def refuse_compressed(path: Path) -> None:
         raise ModelError(f"{path}: {reason}")
 
 
-def check_compress_options(data_path, target_ratio, max_drop, finetune_epochs) -> None:
+def check_compress_options(data_path, target_ratio, max_drop, finetune_epochs, augment=None) -> None:
     """Option values and combinations compress refuses before reading anything (usage errors, exit 2)."""
     if target_ratio is not None and max_drop is not None:
         raise UsageError("give --target-ratio or --max-drop, not both")
@@ -179,6 +186,8 @@ def check_compress_options(data_path, target_ratio, max_drop, finetune_epochs) -
         raise UsageError("--target-ratio and --max-drop need calibration data: pass --data")
     if data_path is None and finetune_epochs is not None:
         raise UsageError("--finetune-epochs needs training inputs: pass --data")
+    if data_path is None and augment is not None:
+        raise UsageError("--augment stretches calibration data: pass --data")
 
 
 @main.command()

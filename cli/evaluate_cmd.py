@@ -12,6 +12,7 @@ import click
 from onnxstack.data import load_data
 from onnxstack.evaluate import evaluate as run_evaluation
 from onnxstack.evaluate import format_evaluation
+from onnxstack.tasks import DET_THRESHOLD, TASKS
 from onnxstack.io import check_output_path, write_bytes_atomic
 
 from .common import handle_errors
@@ -31,11 +32,17 @@ from .options import image_options, make_image_options
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads [onnxruntime's default].")
 @click.option("--latency-runs", type=click.IntRange(min=0), default=20, show_default=True,
               help="Timed runs of one batch (0: none).")
+@click.option("--task", type=click.Choice(TASKS), default="auto", show_default=True,
+              help="What the model's first output is: classifier logits, a dense map (image-to-image, "
+                   "segmentation: PSNR), or detections (N, anchors, 5+classes: detections kept) [auto: its shape].")
+@click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DET_THRESHOLD,
+              show_default=True, help="Detections: objectness x class probability above which an anchor counts.")
 @image_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing JSON file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; one summary line instead of the table.")
 @handle_errors
-def evaluate(original, compressed, data_path, json_path, batch_size, limit, seed, threads, latency_runs, image_size,
+def evaluate(original, compressed, data_path, json_path, batch_size, limit, seed, threads, latency_runs, task,
+             det_threshold, image_size,
              channels, pixel_scale, mean, std, layout, overwrite, quiet):
     """Run ORIGINAL (and COMPRESSED) on the data; compare accuracy, outputs, layer SNR, size and latency."""
     options = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
@@ -53,7 +60,7 @@ def evaluate(original, compressed, data_path, json_path, batch_size, limit, seed
             bar[0].update(n)
 
         result = run_evaluation(original, compressed, data, batch_size=batch_size, latency_runs=latency_runs,
-                                threads=threads, progress=progress)
+                                threads=threads, progress=progress, task=task, det_threshold=det_threshold)
     if json_path is not None:
         write_bytes_atomic(json.dumps(result, indent=2).encode(), json_path)
     if quiet:
@@ -77,5 +84,11 @@ def summary_line(result: dict) -> str:
             parts.append(f"compressed {pct(result['accuracy_compressed'])} (drop {drop:.2f} points)")
     if result.get("top1_agreement") is not None:
         parts.append(f"top-1 agreement {pct(result['top1_agreement'])}")
+    if result.get("psnr_db") is not None:
+        parts.append(f"PSNR {result['psnr_db']:.2f} dB")
+    if result.get("detections_kept") is not None:
+        parts.append(f"detections kept {pct(result['detections_kept'])} (IoU >= {result['det_iou']:g}, same class)")
+    elif result.get("task") == "detect":
+        parts.append(f"{result['detections_original']} detections (score > {result['det_threshold']:g})")
     parts.append(f"{result['samples']} samples")
     return ", ".join(parts)

@@ -92,8 +92,10 @@ class Dataset:
     """Samples for a model's inputs (feeds keyed by input name) and optional int64 class labels."""
 
     def __init__(self, input_names: list[str], size: int, fetch: Callable[[np.ndarray], Feeds],
-                 labels: np.ndarray | None = None, classes: list[str] | None = None, source: str = ""):
+                 labels: np.ndarray | None = None, classes: list[str] | None = None, source: str = "",
+                 original_size: int | None = None):
         self.input_names = list(input_names)
+        self.original_size = size if original_size is None else original_size  # before augment(): the first ones
         self.labels = labels
         self.classes = classes  # class folder names, by label id, for image folders
         self.source = source

@@ -9,6 +9,9 @@ The first model output is taken as logits (N, K). Over all samples:
     snr_db         10 log10(sum ref^2 / sum (ref - out)^2) of each compressed layer's output
                    against the original Conv's output (same tensor name in both models)
 
+For detectors and dense-output models (image-to-image, segmentation) the first output is compared the
+way their users read it (tasks.py: PSNR, detections kept); `task` picks the kind when the shape cannot tell.
+
 Latency is the median of `latency_runs` timed runs of the first batch after 3 warm-up runs, on
 sessions of the unmodified models (extra probe outputs would block onnxruntime's fusions).
 """
@@ -27,6 +30,7 @@ import onnx
 
 from . import op
 from .runtime import open_session, with_outputs
+from .tasks import DET_THRESHOLD, TASKS, resolve_task, task_result, totals_for
 from .data import Dataset, model_inputs
 from .errors import ConfigError, DataError, ModelError, one_line
 from .load import load_model
@@ -57,12 +61,14 @@ class _Totals:
 
 def evaluate(original, compressed=None, data: Dataset | None = None, *, batch_size: int = 64,
              latency_runs: int = 20, threads: int | None = None,
-             progress: Callable[[int], None] | None = None) -> dict:
+             progress: Callable[[int], None] | None = None, task: str = "auto",
+             det_threshold: float = DET_THRESHOLD) -> dict:
     """Accuracy, output agreement, per-layer SNR, sizes and latency of `original` and, if given,
-    `compressed` (paths or ModelProtos) on `data`. Returns a JSON-ready dict."""
+    `compressed` (paths or ModelProtos) on `data`, plus the metrics of the task ("auto": told from the
+    original's first output; "classify", "dense", "detect"; see tasks.py). Returns a JSON-ready dict."""
     if not isinstance(data, Dataset):
         raise TypeError(f"evaluate() needs data=Dataset (from onnxstack.data.load_data), got {type(data).__name__}")
-    _check_options(batch_size, latency_runs, threads)
+    _check_options(batch_size, latency_runs, threads, task, det_threshold)
     models = [load_model(original)[0]] + ([load_model(compressed)[0]] if compressed is not None else [])
     for which, model in zip(("original", "compressed"), models):
         _require_inputs(model, data, which)
@@ -74,13 +80,19 @@ def evaluate(original, compressed=None, data: Dataset | None = None, *, batch_si
 
     fixed = _fixed_batch(models[0])
     batch_size = fixed or batch_size
-    totals, first = _Totals(len(probed)), None
+    totals, first, per_task, kind = _Totals(len(probed)), None, None, None
     for feeds, labels in data.batches(batch_size):
         n = len(next(iter(feeds.values())))
         feeds = _pad(feeds, fixed) if fixed and n < fixed else feeds
         first = feeds if first is None else first
         outs = [_run(s, feeds, which) for s, which in zip(sessions, ("original", "compressed"))]
-        _accumulate(totals, [[o[:n] for o in out] for out in outs], labels, slots, probed)
+        outs = [[o[:n] for o in out] for out in outs]
+        if kind is None:  # told from the first batch
+            kind = resolve_task(task, outs[0][0])
+            per_task = totals_for(kind, det_threshold)
+        _accumulate(totals, outs, labels, slots, probed)
+        if per_task is not None:
+            per_task.add(outs[0][0], outs[1][0] if len(outs) == 2 else None)
         if progress:
             progress(n)
     if not totals.samples:
@@ -88,8 +100,9 @@ def evaluate(original, compressed=None, data: Dataset | None = None, *, batch_si
     if probed:  # time the unmodified models
         sessions = [open_session(m, threads=threads) for m in models]
     latency = [_latency(s, first, latency_runs) for s in sessions]
-    return _result(totals, layers, probed, models, [original, compressed][:len(models)], latency,
-                   batch_size, threads, data.labels is not None)
+    result = _result(totals, layers, probed, models, [original, compressed][:len(models)], latency,
+                     batch_size, threads, data.labels is not None)
+    return {**result, **task_result(kind, per_task, len(models) == 2)}
 
 
 def format_evaluation(result: dict) -> str:
@@ -111,13 +124,15 @@ def format_evaluation(result: dict) -> str:
          _times(result.get("file_ratio"), "smaller", "larger")],
         ["conv weights", "", "", _times(result.get("conv_ratio"), "smaller", "larger")],
     ]
+    rows[3:3] = _task_rows(result)
     rows = [r[:len(head)] + [""] * (len(head) - len(r)) for r in rows if two or r[1]]
     rows = [r for r in rows if any(r[1:])]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
     lines.insert(1, "-" * max(len(line) for line in lines))
     threads = result["threads"] or "default"
-    lines.append(f"{result['samples']} samples, batch {result['batch_size']}, threads {threads}")
+    task = f", task {result['task']}" if result.get("task") else ""
+    lines.append(f"{result['samples']} samples, batch {result['batch_size']}, threads {threads}{task}")
     if result["layers"]:
         lines += ["", "layer SNR (dB, compressed output against the original Conv)"]
         width = max(len(e["name"]) for e in result["layers"])
@@ -127,16 +142,38 @@ def format_evaluation(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _task_rows(result: dict) -> list[list[str]]:
+    """The dense / detection metrics (percent and dB) for the table; none for classification."""
+    task = result.get("task")
+    if task == "dense":
+        return [["PSNR (dB, peak = original's range)", "", _num(result["psnr_db"], ".2f")],
+                ["output rel. MSE", "", _num(result["output_rel_mse"], ".3g")],
+                ["mask agreement (> 0.5) %", "", _pct(result["mask_agreement"])],
+                ["pixel class agreement %", "", _pct(result["pixel_class_agreement"])]]
+    if task == "detect":
+        t, iou = result["det_threshold"], result["det_iou"]
+        return [[f"detections (score > {t:g})", _num(result["detections_original"], "d"),
+                 _num(result["detections_compressed"], "d")],
+                [f"detections kept % (IoU >= {iou:g}, same class)", "", _pct(result["detections_kept"])],
+                ["detections kept % (same anchor, same class)", "", _pct(result["detections_kept_same_anchor"])],
+                ["extra detections %", "", _pct(result["detections_extra"])]]
+    return []
+
+
 # --- models -----------------------------------------------------------------------------------------
 
 
-def _check_options(batch_size, latency_runs, threads) -> None:
+def _check_options(batch_size, latency_runs, threads, task="auto", det_threshold=DET_THRESHOLD) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not isinstance(latency_runs, int) or latency_runs < 0:
         raise ConfigError(f"latency_runs must be an integer >= 0, got {latency_runs!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+    if isinstance(det_threshold, bool) or not isinstance(det_threshold, (int, float)) or not 0 < det_threshold < 1:
+        raise ConfigError(f"det_threshold must be a number in (0, 1), got {det_threshold!r}")
 
 
 def _require_inputs(model: onnx.ModelProto, data: Dataset, which: str) -> None:
@@ -305,6 +342,10 @@ def _conv_ratio(model: onnx.ModelProto) -> float | None:
     except (KeyError, TypeError, ValueError):
         return None
     return float(ratio) if isinstance(ratio, (int, float)) else None
+
+
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.2f}"
 
 
 def _num(v, fmt: str) -> str:

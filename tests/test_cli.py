@@ -74,6 +74,8 @@ def test_existing_output_is_kept(model_path, tmp_path):
     (["--target-ratio", "10", "--max-drop", "1", "--data", "x.npz"], 2, "give --target-ratio or --max-drop, not both"),
     (["--target-ratio", "10"], 2, "need calibration data: pass --data"),
     (["--finetune-epochs", "1"], 2, "needs training inputs: pass --data"),
+    (["--augment", "2"], 2, "--augment stretches calibration data: pass --data"),
+    (["--augment", "0", "--data", "x.npz"], 2, "0 is not in the range x>=1"),
     (["-m", "5000", "-d", "8"], 1, "exceeds the"),
     (["-d", "64"], 1, "no eligible Conv"),
     (["--bogus"], 2, "No such option"),
@@ -206,6 +208,18 @@ def test_compress_with_data_and_target(model_path, tmp_path):
     assert result.exit_code == 0, result.output
     r = json.loads(report.read_text())
     assert r["calibrated"] and r["conv_ratio"] >= 10 and set(r["allocation"]) == {"conv0", "conv1"}
+
+
+def test_compress_with_augmented_data(model_path, tmp_path):
+    import numpy as np
+
+    data = tmp_path / "calib.npz"
+    np.savez(data, input=np.abs(np.random.default_rng(0).standard_normal((6, 16, 12, 12))).astype(np.float32))
+    report = tmp_path / "r.json"
+    result = run("compress", model_path, "-o", tmp_path / "o.onnx", "--data", data, "--augment", "3", "-d", "8",
+                 "--report", report, "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["calibrated"]
 
 
 @pytest.mark.parametrize("args,pattern", [

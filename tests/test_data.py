@@ -272,3 +272,4 @@ def test_cli_says_which_array_feeds_the_one_input(tmp_path):
         assert len(lines) == expected, res.stderr
         if expected:
             assert lines[0].startswith("onnxstack: warning: ") and "'pixels' (8, 16, 12, 12)" in lines[0]
+

@@ -22,7 +22,9 @@ from .models import conv_model, run_ort
 KEYS = {"accuracy_original", "accuracy_compressed", "top5_original", "top5_compressed", "top1_agreement",
         "output_max_abs", "output_rel_l2", "output_cosine", "layers", "original_bytes", "compressed_bytes",
         "file_ratio", "conv_ratio", "latency_ms_original", "latency_ms_compressed", "latency_ratio", "samples",
-        "batch_size", "threads"}
+        "batch_size", "threads", "task", "psnr_db", "output_rel_mse", "mask_agreement", "pixel_class_agreement",
+        "detections_original", "detections_compressed", "detections_kept", "detections_kept_same_anchor",
+        "detections_extra", "det_threshold", "det_iou"}
 
 
 def classifier(batch="batch", classes=10) -> onnx.ModelProto:
@@ -67,6 +69,7 @@ def test_original_against_compressed(models, data):
     seen = []
     result = evaluate(*models, data, batch_size=16, latency_runs=2, progress=seen.append)
     assert set(result) == KEYS and python_types_only(result)
+    assert result["task"] == "classify" and result["psnr_db"] is None and result["detections_kept"] is None
     assert seen == [16, 16, 5] and result["samples"] == 37 and result["batch_size"] == 16
     assert result["accuracy_original"] == pytest.approx(32 / 37)
     for key in ("accuracy_compressed", "top5_original", "top5_compressed", "top1_agreement", "output_cosine"):
