@@ -78,6 +78,11 @@ def default_output(model: Path) -> Path:
 @click.option("--max-drop", type=float, metavar="POINTS",
               help="With --data: the highest ratio whose top-1 drop (labels) or disagreement stays within POINTS "
                    "on a held-out quarter of the data.")
+@click.option("--reconstruct/--no-reconstruct", default=None,
+              help="With --data: block reconstruction after the fit (latent codebooks through sign(), per block, "
+                   "kept only if a held-out eighth of the data agrees better) [on when torch is installed].")
+@click.option("--reconstruct-steps", type=click.IntRange(min=1), metavar="S",
+              help="Optimisation steps a block [500].")
 @click.option("--finetune-epochs", type=click.IntRange(min=1), metavar="E",
               help="Then fine-tune E epochs by distillation from MODEL on all of --data (needs onnxstack[torch]; "
                    "`onnxstack finetune` has the options).")
@@ -91,8 +96,9 @@ def default_output(model: Path) -> Path:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
 def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, terms, execution, skip, iterations,
-             seed, data_path, limit, augment, target_ratio, max_drop, finetune_epochs, image_size, channels, pixel_scale, mean, std, layout,
-             report_path, external_data, inline_functions, overwrite, quiet):
+             seed, data_path, limit, augment, target_ratio, max_drop, reconstruct, reconstruct_steps, finetune_epochs,
+             image_size, channels, pixel_scale, mean, std, layout, report_path, external_data, inline_functions, overwrite,
+             quiet):
     """Compress every eligible Conv of MODEL."""
     try:
         config = onnxstack.CompressConfig(
@@ -121,8 +127,14 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
             data = stretch(data, augment, seed=seed, layout=layout)
     if finetune_epochs is not None:
         importlib.import_module("onnxstack.torch_bridge")  # fails in one line, before compressing, without torch
+    if reconstruct_steps is not None and reconstruct is not False:
+        from onnxstack.torch_bridge.reconstruct import ReconstructConfig  # fails in one line without torch
+
+        reconstruct = ReconstructConfig(steps=reconstruct_steps)
     result = onnxstack.compress(model, config, data=data, target_ratio=target_ratio, max_drop=max_drop,
-                                progress=None if quiet else LazyBar("compressing"))
+                                progress=None if quiet else LazyBar("compressing"), reconstruct=reconstruct)
+    if not quiet:
+        describe_reconstruction(result.report.get("reconstruction") or {})
     if finetune_epochs is not None:
         from .finetune_cmd import finetune_after_compress
 
@@ -140,6 +152,18 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
             click.echo("note: the SNR column was measured after calibration, before fine-tuning; "
                        "`onnxstack evaluate` measures the written file.", err=True)
         click.echo(f"wrote {output}" + (f" and {report_path}" if report_path else ""))
+
+
+def describe_reconstruction(record: dict) -> None:
+    """One line on what block reconstruction did."""
+    if not record.get("ran"):
+        if record.get("why") not in (None, "not asked for", "no calibration data"):
+            click.echo(f"note: no block reconstruction: {record['why']}", err=True)
+        return
+    err = record["held_out_output_error"]
+    verdict = "kept" if record["kept"] else "not kept (the closed-form fit was closer)"
+    click.echo(f"block reconstruction: {record['totals']['blocks']} blocks, {record['totals']['seconds']:.0f} s; "
+               f"held-out output error {err['closed_form']:.4f} -> {err['reconstructed']:.4f}: {verdict}", err=True)
 
 
 def describe_written_file(report: dict, written: Path) -> None:

@@ -59,8 +59,8 @@ def inspect(model_or_path, config: CompressConfig | None = None) -> list[ConvInf
 
 
 def compress(model_or_path, config: CompressConfig | None = None, *, data=None, target_ratio: float | None = None,
-             max_drop: float | None = None, progress: Callable[[int, int, str], None] | None = None
-             ) -> CompressResult:
+             max_drop: float | None = None, progress: Callable[[int, int, str], None] | None = None,
+             reconstruct=None) -> CompressResult:
     """Compress every eligible Conv of a model (a path or ModelProto); the input is never modified.
 
     data: calibration inputs: a dict of arrays keyed by input name (optionally `labels`), an
@@ -71,7 +71,9 @@ def compress(model_or_path, config: CompressConfig | None = None, *, data=None, 
     max_drop: with data, the highest ratio whose top-1 accuracy drop (with labels; else 100 - top-1
     agreement) on a held-out quarter of the data stays within max_drop points.
     progress(done, total, layer name) is called after each layer is planned.
+    reconstruct: with data, block reconstruction after the fit (needs torch; see pipeline.reconstruct_stage):
+    None runs it when torch imports, False skips it, a torch_bridge.reconstruct.ReconstructConfig tunes it.
     """
     out, report, used, source = pipeline.run(model_or_path, config or CompressConfig(), data, target_ratio,
-                                             max_drop, progress)
+                                             max_drop, progress, reconstruct)
     return CompressResult(out, report, used, source.path, source.data_files)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -29,6 +29,7 @@ from onnx import numpy_helper
 from . import calibrate
 from .analyse import ConvInfo
 from .config import CompressConfig
+from .dataquality import check_layer, warn
 from .core import cost, intq
 from .core.calib import LayerStats, fit_output_aware, fit_output_aware_filter
 from .core.fit import from_slices, one_blas_thread, relative_error, to_slices
@@ -117,6 +118,10 @@ def fit_output(job: Job) -> LayerPlan:
         fit, bias = fit_output_aware(w, job.stats, d, m, terms=k, damp=config.calibration_damp,
                                      iterations=config.iterations, seed=config.seed)
     w_hat = from_slices(fit.decode(), info.shape[1], info.shape[2:]).reshape(info.shape[0], -1)
+    check = check_layer(job.stats, d, info.shape[2:], name=info.name)
+    warn(check)  # logged when the data cannot pin the layer down; the reason goes into the report
+    if check.reason:
+        base = replace(base, data_warning=check.reason)
     return base.with_fit(fit, relative_error(to_slices(w, d), fit), bias,
                          output_rel_error=job.stats.relative_error(w_hat, bias), fitter="output")
 

@@ -63,7 +63,7 @@ class Settings:
 
 
 def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | None = None,
-        max_drop: float | None = None, progress: Progress | None = None):
+        max_drop: float | None = None, progress: Progress | None = None, reconstruct=None):
     """(compressed model, report, config used, source): the stages in order."""
     source = load_stage(model_or_path)
     model = source.model
@@ -72,12 +72,61 @@ def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | 
     if default_opset(model) < op.MIN_OPSET:
         model = upgrade_checked(model)
         infos = analyse(model, config)
-    feeds, labels = calibration_data(data, model, config.seed) if data is not None else (None, None)
+    feeds, labels, data_check = calibration_data(data, model, config.seed) if data is not None else (None, None, None)
     settings = allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, source.original_bytes)
     plans = fit_stage(model, settings, progress)
     out, report = assemble(model, settings.infos, plans, settings.config, source.original_bytes)
     report.update({"calibrated": feeds is not None, **settings.record})
+    if data_check is not None:
+        report["data_check"] = data_check
+    out, report["reconstruction"] = reconstruct_stage(model, out, settings.feeds, plans, reconstruct)
+    if report["reconstruction"].get("kept"):
+        report.update({k: v for k, v in build_report(plans, source.original_bytes, model_bytes(out)).items()
+                       if k in ("compressed_bytes", "file_ratio")})
     return out, report, settings.config, source
+
+
+def reconstruct_stage(model, out, feeds, plans, option) -> tuple[onnx.ModelProto, dict]:
+    """Block reconstruction (torch_bridge/reconstruct.py) of the fitted model, when there are data and binary
+    layers: on by default when torch imports (option None), off with False, a ReconstructConfig to tune it.
+
+    A seeded eighth of the calibration data is held out; the reconstructed model is kept only if its outputs
+    there are closer to the original's than the closed-form model's (the block losses it lowers are on the
+    data it trained on)."""
+    if option is False or feeds is None:
+        return out, {"ran": False, "why": "not asked for" if option is False else "no calibration data"}
+    if not any(p is not None and getattr(p, "representation", "binary") == "binary" for _, p in plans):
+        return out, {"ran": False, "why": "no binary layer to reconstruct"}
+    try:
+        from .torch_bridge.reconstruct import ReconstructConfig, reconstruct
+    except ImportError:
+        if option is not None:
+            raise ConfigError("reconstruction needs torch: pip install 'onnxstack[torch]'") from None
+        return out, {"ran": False, "why": "torch is not installed (pip install 'onnxstack[torch]')"}
+    n = len(next(iter(feeds.values())))
+    if n < 16:
+        return out, {"ran": False, "why": f"{n} calibration samples; reconstruction needs at least 16"}
+    order = np.random.default_rng(0).permutation(n)
+    held, train = np.sort(order[: max(n // 8, 8)]), np.sort(order[max(n // 8, 8):])
+    config = option if isinstance(option, ReconstructConfig) else ReconstructConfig()
+    rebuilt, record = reconstruct(model, out, {k: v[train] for k, v in feeds.items()}, config)
+    before, after = (_output_error(model, m, {k: v[held] for k, v in feeds.items()}) for m in (out, rebuilt))
+    kept = after < before
+    record.update({"ran": True, "kept": bool(kept), "held_out_samples": len(held),
+                   "held_out_output_error": {"closed_form": before, "reconstructed": after}})
+    return (rebuilt if kept else out), record
+
+
+def _output_error(original, compressed, feeds) -> float:
+    """Relative squared error of the compressed model's float outputs against the original's."""
+    from .runtime import open_session
+
+    ref, got = open_session(original).run(None, feeds), open_session(compressed).run(None, feeds)
+    return float(sum(np.sum((a - b) ** 2) / max(np.sum((b - b.mean()) ** 2), 1e-30)
+                     for a, b in zip(got, ref) if np.issubdtype(b.dtype, np.floating)))
+
+
+
 
 
 def load_stage(model_or_path) -> Source:
@@ -179,9 +228,11 @@ def check_codebook_sizes(infos: list[ConvInfo], config: CompressConfig) -> None:
                                   f"use m <= {n_slices} or skip the layer")
 
 
-def calibration_data(data, model: onnx.ModelProto, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Calibration arrays keyed by input name, checked against the model (finite values), and labels if any."""
+def calibration_data(data, model: onnx.ModelProto, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
+    """Calibration arrays keyed by input name, checked against the model (finite values), labels if any, and
+    the findings of the data check (near-duplicates, too few samples: warned, and kept in the report)."""
     from .data import Dataset, from_arrays, load_data
+    from .dataquality import check_dataset, warn
     from .errors import DataError
 
     if isinstance(data, dict):
@@ -195,4 +246,6 @@ def calibration_data(data, model: onnx.ModelProto, seed: int) -> tuple[dict[str,
             samples = int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum())
             raise DataError(f"calibration data for input '{name}' holds {bad} NaN or Inf value(s) in {samples} of "
                             f"{len(arr)} samples; clean or drop those samples")
-    return feeds, labels
+    findings = check_dataset(data, seed=seed)
+    warn(findings)
+    return feeds, labels, findings.to_dict()

@@ -38,6 +38,7 @@ class LayerPlan:
     output_rel_error: float | None = None  # on calibration data: ||Y_hat - Y||^2 / ||Y - mean||^2
     fitter: str = "weights"  # the fitter that made the plan (see fitters.py)
     fallback: str | None = None  # why that fitter, when it is not the one the options asked for
+    data_warning: str | None = None  # why the calibration data cannot pin this layer down (dataquality.py)
 
     def with_fit(self, fit: BinaryFit, weight_rel_error: float, bias: np.ndarray | None,
                  output_rel_error: float | None = None, fitter: str | None = None) -> "LayerPlan":

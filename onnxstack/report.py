@@ -34,6 +34,8 @@ def layer_entry(info: ConvInfo, plan: LayerPlan | IntPlan | None) -> dict:
     })
     if plan.fallback:  # fitted by something other than what the options asked for, and why
         entry["fallback"] = plan.fallback
+    if getattr(plan, "data_warning", None):  # the calibration data cannot pin the layer down
+        entry["data_warning"] = plan.data_warning
     if plan.output_rel_error is not None:  # calibrated: error against the original layer's outputs
         entry["output_rel_error"] = plan.output_rel_error
         entry["output_snr_db"] = float(-10 * math.log10(max(plan.output_rel_error, 1e-12)))
@@ -125,6 +127,7 @@ def format_table(report: dict) -> str:
         if r is head:
             lines.append("-" * len(lines[0]))
     lines += [f"* {e['name']}: {e['fallback']}" for e in report["layers"] if "fallback" in e]
+    lines += [f"! {e['name']}: {e['data_warning']}" for e in report["layers"] if "data_warning" in e]
     return "\n".join(lines)
 
 
