@@ -80,7 +80,7 @@ def default_output(model: Path) -> Path:
                    "on a held-out quarter of the data.")
 @click.option("--reconstruct/--no-reconstruct", default=None,
               help="With --data: block reconstruction after the fit (latent codebooks through sign(), per block, "
-                   "kept only if a held-out eighth of the data agrees better) [on when torch is installed].")
+                   "kept only if a held-out eighth of the data agrees better; needs torch) [off].")
 @click.option("--reconstruct-steps", type=click.IntRange(min=1), metavar="S",
               help="Optimisation steps a block [500].")
 @click.option("--finetune-epochs", type=click.IntRange(min=1), metavar="E",
@@ -127,7 +127,7 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
             data = stretch(data, augment, seed=seed, layout=layout)
     if finetune_epochs is not None:
         importlib.import_module("onnxstack.torch_bridge")  # fails in one line, before compressing, without torch
-    if reconstruct_steps is not None and reconstruct is not False:
+    if reconstruct_steps is not None and reconstruct:
         from onnxstack.torch_bridge.reconstruct import ReconstructConfig  # fails in one line without torch
 
         reconstruct = ReconstructConfig(steps=reconstruct_steps)
