@@ -680,6 +680,9 @@ def markdown(results: dict, tasks_: dict, total_s: float | None = None, runs: di
             secs = r.get("seconds")
             lines.append(f"| {r['method']} | {r['conv_ratio']:.1f}x | {r['file_ratio']:.2f}x | " + " | ".join(cells)
                          + f" | {'' if drop is None else f'{drop:.1f}'} | {'' if secs is None else f'{secs:.0f}'} |")
+        bar = issue_bar(info["rows"], task.primary)
+        if bar:
+            lines.append(bar)
         if runs and name in runs:
             lines.append(f"Measured at commit {runs[name]['commit'][:12]}, {runs[name]['date']}; this model took "
                          f"{info.get('seconds', 0) / 60:.1f} min.")
@@ -687,6 +690,24 @@ def markdown(results: dict, tasks_: dict, total_s: float | None = None, runs: di
     if total_s is not None:
         lines.append(f"Whole run: {total_s / 60:.1f} min on this machine.")
     return "\n".join(lines).rstrip()
+
+
+def issue_bar(rows: list, primary: str) -> str:
+    """Issue 12's bar on the primary metric: post-training at 8x at least as good as onnxruntime int4 per channel,
+    at 16x at most 3 points below int4."""
+    by = {r["method"]: r.get(primary) for r in rows}
+    int4 = by.get("onnxruntime int4 per-channel QDQ (weights)")
+    if int4 is None:
+        return ""
+    parts = []
+    for ratio, slack in ((8, 0.0), (16, 3.0)):
+        v = by.get(f"onnxstack calibrated, target {ratio}x")
+        if v is None:
+            parts.append(f"{ratio}x: no result")
+        else:
+            met = 100 * v >= 100 * int4 - slack - 1e-9
+            parts.append(f"{ratio}x: {100 * v:.1f} against {100 * int4 - slack:.1f} needed, {'met' if met else 'not met'}")
+    return "Bar (issue 12, post-training, calibrated rows vs int4): " + "; ".join(parts) + "."
 
 
 def git_commit() -> str:

@@ -107,3 +107,13 @@ def test_rendered_text_streams_differ():
     assert x1.shape == (20, 1, 64, 192) and 0 <= x1.min() and x1.max() <= 1
     assert len(set(s1) & set(s2)) <= 1
     np.testing.assert_array_equal(rm.rendered_text(3, seed=1)[0], x1[:3])
+
+
+def test_issue_bar():
+    rows = [{"method": "onnxruntime int4 per-channel QDQ (weights)", "m": 0.90},
+            {"method": "onnxstack calibrated, target 8x", "m": 0.91},
+            {"method": "onnxstack calibrated, target 16x", "m": 0.86}]
+    text = rm.issue_bar(rows, "m")
+    assert "8x: 91.0 against 90.0 needed, met" in text and "16x: 86.0 against 87.0 needed, not met" in text
+    assert "16x: no result" in rm.issue_bar(rows[:2], "m")
+    assert rm.issue_bar(rows[1:], "m") == ""
