@@ -680,6 +680,10 @@ def markdown(results: dict, tasks_: dict, total_s: float | None = None, runs: di
             secs = r.get("seconds")
             lines.append(f"| {r['method']} | {r['conv_ratio']:.1f}x | {r['file_ratio']:.2f}x | " + " | ".join(cells)
                          + f" | {'' if drop is None else f'{drop:.1f}'} | {'' if secs is None else f'{secs:.0f}'} |")
+        if info.get("partial"):
+            done = {r["method"] for r in info["rows"]}
+            left = [m.label for m in METHODS if m.label not in done]
+            lines.append("Not reached before the run was stopped (CPU budget): " + "; ".join(left) + ".")
         bar = issue_bar(info["rows"], task.primary)
         if bar:
             lines.append(bar)
