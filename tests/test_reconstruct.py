@@ -58,12 +58,12 @@ def case(request):
 
 
 def test_blocks_chain_and_residual():
-    chain = onnxstack.compress(tiny(False), onnxstack.CompressConfig(slice_dim=4, codebook_size=4)).model
+    chain = onnxstack.compress(tiny(False), onnxstack.CompressConfig(slice_dim=4, codebook_size=4, skip=("fc",))).model
     blocks = find_blocks(chain)
     assert [(b.layers, b.inputs, b.output) for b in blocks] == [
         (("conv0",), ("x",), "r0"), (("conv1",), ("r0",), "r1"), (("conv2",), ("r1",), "r2")]
     assert [b.layers for b in find_blocks(chain, group=2)] == [("conv0", "conv1"), ("conv2",)]
-    res = onnxstack.compress(tiny(True), onnxstack.CompressConfig(slice_dim=4, codebook_size=4)).model
+    res = onnxstack.compress(tiny(True), onnxstack.CompressConfig(slice_dim=4, codebook_size=4, skip=("fc",))).model
     blocks = find_blocks(res)
     assert [(b.layers, b.inputs, b.output, b.kind) for b in blocks] == [
         (("conv0",), ("x",), "r0", "block"), (("conv1", "conv2"), ("r0",), "r2", "block")]
