@@ -73,15 +73,17 @@ def conv_bits(model: onnx.ModelProto) -> int:
     return total
 
 
-def ort_quantized(model_path: Path, calib: dict, weight_bits: int, out: Path) -> onnx.ModelProto:
+def ort_quantized(model_path: Path, calib: dict, weight_bits: int, out: Path, batch: int = 50) -> onnx.ModelProto:
     """onnxruntime's own static QDQ quantization of the Convs, per-channel weights of 8 or 4 bits.
-    Activations are quantized to 16 bits so the baseline is about the weights."""
+    Activations are quantized to 16 bits so the baseline is about the weights. calib: one array, the model's
+    single input, keyed by its name."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    (name, x), = calib.items()
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            x = calib["input"]
-            self.it = iter([{"input": x[i:i + 50]} for i in range(0, len(x), 50)])
+            self.it = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
 
         def get_next(self):
             return next(self.it, None)

@@ -40,6 +40,7 @@ import onnx
 
 import onnxstack
 from common import REPO, binary_weight_baseline, conv_bits, environment, write_results
+from common import ort_quantized as common_ort_quantized
 from zoo import cache_dir
 
 PACKAGES = {  # pinned: the weights are part of the benchmark
@@ -524,27 +525,9 @@ def predict(model, x: np.ndarray, batch: int, axis: int = 0) -> np.ndarray:
 
 
 def ort_quantized(path: Path, input_name: str, calib: np.ndarray, bits: int, out: Path, batch: int):
-    """onnxruntime's static QDQ quantization of the Conv weights, per channel, symmetric, int8 or int4; the
-    activations are quantized to 16 bits (min-max on the calibration data) so the row is about the weights."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{input_name: calib[i:i + batch]} for i in range(0, len(calib), batch)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    model = onnx.load(path)
-    if model.opset_import[0].version < 21:  # int4 and 16-bit QDQ need opset 21
-        model = onnx.version_converter.convert_version(model, 21)
-    src = out.with_suffix(".opset21.onnx")
-    onnx.save(model, src)
-    quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    weight_type=QuantType.QInt8 if bits == 8 else QuantType.QInt4,
-                    activation_type=QuantType.QUInt16, op_types_to_quantize=["Conv"],
-                    extra_options={"WeightSymmetric": True})
-    return onnx.load(out)
+    """onnxruntime's static QDQ quantization of the Conv weights, per channel, symmetric, int8 or int4 (see
+    common.ort_quantized; activations at 16 bits, min-max on the calibration data)."""
+    return common_ort_quantized(path, {input_name: calib}, bits, out, batch=batch)
 
 
 def finetune_cli(compressed: Path, original: Path, data: Path, out: Path, minutes: float) -> tuple[onnx.ModelProto, str]:

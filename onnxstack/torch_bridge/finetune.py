@@ -44,7 +44,7 @@ from .graph import OnnxModule, layer_outputs, logit_names
 from .loss import class_last, distillation_loss
 from .optim import make_optimizer, set_lr
 from .samples import Samples, augment, split_heldout
-from .writeback import write_back
+from .writeback import original_weights, write_back
 
 
 @dataclass
@@ -115,7 +115,7 @@ class _Run:
         if missing:
             raise ModelError(f"the teacher has no tensor named {missing}; is --teacher the original model?")
         self.features = [n for n in layer_outputs(student_model) if n in teacher_values] if config.feature_weight else []
-        self.targets = _original_weights(student_model, teacher_model)
+        self.targets = original_weights(student_model, teacher_model)
         if config.latent_from_weights:
             self._init_latents()
         self.optimizer = make_optimizer(self.student, config)
@@ -254,15 +254,3 @@ class _Run:
         if self.ctx.is_main:
             result.onnx_metrics = onnx_metrics(model, held)
         return result
-
-
-def _original_weights(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Codebook initializer name -> the original Conv weight (matched by node output name)."""
-    inits = {t.name: t for t in teacher_model.graph.initializer}
-    convs = {n.output[0]: n for n in teacher_model.graph.node if n.op_type == "Conv"}
-    out = {}
-    for node in student_model.graph.node:
-        conv = convs.get(node.output[0]) if node.op_type == "StackedBinaryConv" else None
-        if conv is not None and len(conv.input) > 1 and conv.input[1] in inits:
-            out[node.input[1]] = onnx.numpy_helper.to_array(inits[conv.input[1]])
-    return out

@@ -39,7 +39,7 @@ from .blocks import Block, find_blocks
 from .dist import check_device
 from .graph import OnnxModule
 from .layers import StackedBinaryConv2d
-from .writeback import set_metadata, write_back
+from .writeback import original_weights, set_metadata, write_back
 
 METADATA_KEY = "onnxstack.reconstruct"
 LOSSES = ("mse", "channel")
@@ -162,7 +162,7 @@ class _Run:
                              f"{self.student.input_names}; is it the model that was compressed?")
         self.blocks = find_blocks(compressed_model, max_layers=config.max_block_layers,
                                   group=config.group)
-        self.weights = _original_weights(compressed_model, original_model)
+        self.weights = original_weights(compressed_model, original_model)
 
     def run(self, feeds, progress) -> tuple[onnx.ModelProto, dict]:
         c = self.config
@@ -382,18 +382,6 @@ def _feeds(feeds, input_names: list[str]) -> dict[str, np.ndarray]:
     counts = {len(v) for v in out.values()}
     if len(counts) != 1 or 0 in counts:
         raise DataError(f"calibration data: inputs must hold the same number (> 0) of samples, got {sorted(counts)}")
-    return out
-
-
-def _original_weights(compressed: onnx.ModelProto, original: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Codebook initializer name -> the original Conv weight (matched by node output name)."""
-    inits = {t.name: t for t in original.graph.initializer}
-    convs = {n.output[0]: n for n in original.graph.node if n.op_type == "Conv"}
-    out = {}
-    for node in compressed.graph.node:
-        conv = convs.get(node.output[0]) if node.op_type == "StackedBinaryConv" else None
-        if conv is not None and len(conv.input) > 1 and conv.input[1] in inits:
-            out[node.input[1]] = onnx.numpy_helper.to_array(inits[conv.input[1]])
     return out
 
 

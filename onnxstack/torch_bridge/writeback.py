@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import onnx
 
 from ..errors import ModelError, OnnxstackError
@@ -50,3 +52,15 @@ def set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
             existing[k].value = v
         else:
             model.metadata_props.add(key=k, value=v)
+
+
+def original_weights(student_model: onnx.ModelProto, teacher_model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Codebook initializer name -> the original Conv weight (matched by node output name)."""
+    inits = {t.name: t for t in teacher_model.graph.initializer}
+    convs = {n.output[0]: n for n in teacher_model.graph.node if n.op_type == "Conv"}
+    out = {}
+    for node in student_model.graph.node:
+        conv = convs.get(node.output[0]) if node.op_type == "StackedBinaryConv" else None
+        if conv is not None and len(conv.input) > 1 and conv.input[1] in inits:
+            out[node.input[1]] = onnx.numpy_helper.to_array(inits[conv.input[1]])
+    return out
