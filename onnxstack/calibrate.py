@@ -1,26 +1,43 @@
-"""The calibration data passes: what the output-aware fitters learn from.
+"""The calibration data walked through the graph once, in order: what the output-aware fitters learn from.
 
-`original_targets` runs the original model once: each layer's outputs at sampled positions (only a fixed
-number of positions per image is kept: bounded memory). The fit stage then takes the layers in graph
-order; for each one `layer_stats` runs the calibration images through the working model, in which the
-earlier layers are already compressed (`install`), so layer l is fitted on the inputs it will see at
-run time, against the *original* model's outputs. The math is in core/calib.py.
+The eligible layers cut the (topologically sorted) graph into segments. `Walk` carries the calibration
+data from cut to cut, batch by batch: at each cut it holds the tensors that are live there (made before
+the cut, read after it) for every batch, spilled to files in a temporary folder, so memory holds one batch
+whatever the number of images (the files sit in the OS page cache while there is room). Two streams
+go through the same segments:
+
+- the original model's, whose layer inputs give the targets: the original layer's outputs at sampled
+  positions (only `calibration_positions` a layer and image are kept);
+- the working model's (`sequential=True`), in which every layer already fitted runs with its decoded
+  compressed weight (`install`), so layer l is fitted on the inputs it will see at run time, against the
+  original model's outputs. Until the first install the two streams are one.
+
+Each segment runs once per stream in onnxruntime, its session built once: the whole walk costs about two
+forward passes of the data, not one a layer. The math of the fits is in core/calib.py.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from .analyse import ConvInfo
 from .config import CompressConfig
 from .core.calib import LayerStats, im2col_rows, output_size
 from .core.conv import resolve_pads
+from .graphs import subgraph_reads, subgraphs
 from .plan import IntPlan, LayerPlan
-from .runtime import run_batches
+from .runtime import open_session
+
+BATCH_BYTES = 32 << 20  # graph-input bytes of one batch (activations are a few times more)
+MAX_BATCH = 64
 
 
 def _geometry(info: ConvInfo, in_hw):
@@ -31,57 +48,202 @@ def _geometry(info: ConvInfo, in_hw):
     return dict(kernel=(kh, kw), strides=strides, pads=pads, dilations=dil)
 
 
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node reads, its subgraphs' outer-scope reads included."""
+    names = {n for n in node.input if n}
+    for _, g in subgraphs(node):
+        names |= {n for x in g.node for n in x.input if n} | subgraph_reads(g)
+    return names
+
+
 @dataclass
-class Targets:
-    """Per eligible layer: sampled output positions per batch, the original outputs there, and the
-    moments of the original inputs against them (for choosing settings)."""
-
-    positions: dict[int, list[np.ndarray]]
-    outputs: dict[int, list[np.ndarray]]
-    stats: dict[int, LayerStats]
+class _Segment:
+    start: int
+    stop: int
+    inputs: list[str]   # live at start and read by nodes[start:stop]
+    outputs: list[str]  # made by nodes[start:stop] and live at stop
 
 
-def original_targets(model: onnx.ModelProto, todo: list[ConvInfo], feeds: dict[str, np.ndarray],
-                     config: CompressConfig, with_stats: bool = False) -> Targets:
-    """One pass of the original model: each layer's outputs at sampled positions (and, with_stats,
-    the moments of its original inputs against them). Layers with group > 1 are left out: no output-aware
-    fitter takes them (see fitters.choose)."""
-    todo = [i for i in todo if i.group == 1]
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    rng = np.random.default_rng(config.seed)
-    inputs = [model.graph.node[i.node_index].input[0] for i in todo]
-    t = Targets({i.node_index: [] for i in todo}, {i.node_index: [] for i in todo},
-                {i.node_index: LayerStats.empty(int(np.prod(i.shape[1:])), i.shape[0]) for i in todo})
-    for batch in run_batches(model, inputs, feeds):
-        for info, name in zip(todo, inputs):
-            x = batch[name]
+class Walk:
+    """Calibration statistics for the layers in graph order, on bounded memory (module docstring).
+
+        with Walk(model, layers, feeds, config, sequential=True) as walk:
+            for info, stats in walk:        # stats: LayerStats, or None where `needs(info)` is false
+                plan = fit(info, stats)
+                walk.install(info, plan)    # the working stream runs the layer compressed from here on
+    """
+
+    def __init__(self, model: onnx.ModelProto, layers: list[ConvInfo], feeds: dict[str, np.ndarray],
+                 config: CompressConfig, sequential: bool = True, needs=lambda info: info.group == 1,
+                 folder: str | None = None):
+        self.model, self.config, self.sequential, self.needs = model, config, sequential, needs
+        self.layers = sorted(layers, key=lambda i: i.node_index)
+        self.feeds = feeds
+        self.n = len(next(iter(feeds.values())))
+        per_sample = sum(v[:1].nbytes for v in feeds.values()) or 1
+        self.batch = int(np.clip(BATCH_BYTES // per_sample, 1, MAX_BATCH))
+        self.starts = list(range(0, self.n, self.batch))
+        self.weights = {t.name: t for t in model.graph.initializer}
+        self.replaced: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # node index -> decoded (w, b)
+        self.rng = np.random.default_rng(config.seed)
+        self._folder = folder
+        self._dir: str | None = None
+        nodes = model.graph.node
+        self._reads = [_reads(n) for n in nodes]
+        last: dict[str, int] = {}
+        for i, names in enumerate(self._reads):
+            for name in names:
+                last[name] = i
+        self._last = last
+        inits = set(self.weights)
+        self._made = {name: -1 for name in feeds}  # graph inputs are made "before node 0"
+        for i, node in enumerate(nodes):
+            for name in node.output:
+                if name:
+                    self._made[name] = i
+        self._inits = inits
+        # per stream: name -> file key of each live tensor ("orig" and "work"; work aliases orig until it diverges)
+        self._files: dict[str, dict[str, str]] = {"orig": {}, "work": {}}
+        self._counter = 0
+        self._at = 0  # node index of the current cut
+
+    # --- context: the spill folder is removed whatever happens (Ctrl-C included) ---------------------------
+    def __enter__(self) -> "Walk":
+        self._dir = tempfile.mkdtemp(prefix="onnxstack-calib-", dir=self._folder)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    # --- the walk --------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[ConvInfo, LayerStats | None]]:
+        if self._dir is None:
+            raise RuntimeError("use Walk as a context manager (with Walk(...) as walk)")
+        cuts = sorted({i.node_index for i in self.layers})
+        for cut in cuts:
+            self._advance(cut)
+            for info in (i for i in self.layers if i.node_index == cut):
+                yield info, (self._stats(info) if self.needs(info) else None)
+
+    def install(self, info: ConvInfo, plan: LayerPlan | IntPlan) -> None:
+        """From now on the working stream runs this layer with the plan's decoded weight and bias."""
+        if self.sequential:
+            bias = plan.bias if plan.bias is not None else None
+            self.replaced[info.node_index] = (plan.decoded_weight().astype(np.float32),
+                                              None if bias is None else np.asarray(bias, np.float32))
+
+    # --- internals -------------------------------------------------------------------------------------------
+    def _live(self, at: int) -> set[str]:
+        return {t for t, made in self._made.items() if made < at and self._last.get(t, -1) >= at}
+
+    def _segment(self, start: int, stop: int) -> _Segment:
+        made_here = {o for n in self.model.graph.node[start:stop] for o in n.output if o}
+        reads = set().union(*self._reads[start:stop]) if stop > start else set()
+        live_start = self._live(start)
+        return _Segment(start, stop, sorted(r for r in reads if r in live_start),
+                        sorted(t for t in self._live(stop) if t in made_here))
+
+    def _advance(self, cut: int) -> None:
+        if cut == self._at and self._counter > 0:
+            return
+        if self._counter == 0 and self._at == 0:  # first cut: the feeds are the live tensors at node 0
+            for name in self.feeds:
+                for j, s in enumerate(self.starts):
+                    self._put("orig", name, j, self.feeds[name][s:s + self.batch])
+                self._files["work"][name] = self._files["orig"][name]
+        seg = self._segment(self._at, cut)
+        if seg.outputs:
+            diverged = self.sequential and (any(self._files["work"][t] != self._files["orig"][t] for t in seg.inputs)
+                                            or any(self._at <= k < cut for k in self.replaced))
+            self._run("orig", seg, replaced={})
+            if diverged:
+                self._run("work", seg, replaced=self.replaced)
+            else:
+                for t in seg.outputs:
+                    self._files["work"][t] = self._files["orig"][t]
+        live = self._live(cut)
+        for stream in ("orig", "work"):
+            self._files[stream] = {t: f for t, f in self._files[stream].items() if t in live}
+        self._collect()
+        self._at = cut
+
+    def _run(self, stream: str, seg: _Segment, replaced: dict) -> None:
+        model = self._segment_model(seg, stream, replaced)
+        sess = open_session(model)
+        for j in range(len(self.starts)):
+            feeds = {t: self._get(stream, t, j) for t in seg.inputs}
+            for t, value in zip(seg.outputs, sess.run(seg.outputs, feeds)):
+                self._put(stream, t, j, value)
+
+    def _segment_model(self, seg: _Segment, stream: str, replaced: dict) -> onnx.ModelProto:
+        g = self.model.graph
+        nodes = []
+        extra = []
+        for k in range(seg.start, seg.stop):
+            node = onnx.NodeProto()
+            node.CopyFrom(g.node[k])
+            if k in replaced:
+                w, b = replaced[k]
+                node.input[1] = f"__calib_w{k}"
+                extra.append(numpy_helper.from_array(w, node.input[1]))
+                if b is not None:
+                    node.input.extend([""] * (3 - len(node.input)))
+                    node.input[2] = f"__calib_b{k}"
+                    extra.append(numpy_helper.from_array(b, node.input[2]))
+            nodes.append(node)
+        reads = set().union(*(_reads(n) for n in nodes))
+        inits = [self.weights[r] for r in sorted(reads) if r in self.weights and r not in seg.inputs]
+        probe = {t: self._get(stream, t, 0) for t in seg.inputs}
+        inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(probe[t].dtype), None)
+                  for t in seg.inputs]
+        outputs = [helper.make_empty_tensor_value_info(t) for t in seg.outputs]
+        graph = helper.make_graph(nodes, "segment", inputs, outputs, initializer=inits + extra)
+        m = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
+        m.functions.extend(self.model.functions)
+        return m
+
+    def _stats(self, info: ConvInfo) -> LayerStats:
+        """The layer's input (working stream) against the original layer's outputs at sampled positions."""
+        name = self.model.graph.node[info.node_index].input[0]
+        w = numpy_helper.to_array(self.weights[info.weight_name]).reshape(info.shape[0], -1)
+        b = numpy_helper.to_array(self.weights[info.bias_name]) if info.bias_name else 0.0
+        stats = LayerStats.empty(int(np.prod(info.shape[1:])), info.shape[0])
+        for j in range(len(self.starts)):
+            x = self._get("orig", name, j)
             geo = _geometry(info, x.shape[2:])
             ho, wo = output_size(x.shape[2:], geo["kernel"], geo["strides"], geo["pads"], geo["dilations"])
-            p = min(config.calibration_positions, ho * wo)
-            pos = np.argsort(rng.random((len(x), ho * wo)), axis=1)[:, :p]  # (B, p) distinct positions
-            rows = im2col_rows(x, pos, **geo)
-            w = weights[info.weight_name].reshape(info.shape[0], -1)
-            y = rows @ w.T + (weights[info.bias_name] if info.bias_name else 0.0)
-            t.positions[info.node_index].append(pos)
-            t.outputs[info.node_index].append(y)
-            if with_stats:
-                t.stats[info.node_index].add(rows, y)
-    return t
+            p = min(self.config.calibration_positions, ho * wo)
+            pos = np.argsort(self.rng.random((len(x), ho * wo)), axis=1)[:, :p]  # (B, p) distinct positions
+            y = im2col_rows(x, pos, **geo) @ w.T + b
+            same = self._files["work"][name] == self._files["orig"][name]
+            stats.add(im2col_rows(x if same else self._get("work", name, j), pos, **geo), y)
+        return stats
 
+    # --- the spill files ------------------------------------------------------------------------------------
+    def _put(self, stream: str, name: str, j: int, value: np.ndarray) -> None:
+        key = self._files[stream].get(name)
+        if j == 0 or key is None or (stream == "work" and key == self._files["orig"].get(name)):
+            self._counter += 1
+            key = f"t{self._counter}"
+            os.mkdir(os.path.join(self._dir, key))
+            self._files[stream][name] = key
+        np.save(os.path.join(self._dir, key, f"{j}.npy"), np.ascontiguousarray(value), allow_pickle=False)
 
-def layer_stats(work: onnx.ModelProto, info: ConvInfo, feeds: dict[str, np.ndarray], targets: Targets) -> LayerStats:
-    """Moments of the layer's inputs in the working model against the original outputs at the same positions."""
-    name = work.graph.node[info.node_index].input[0]
-    stats = LayerStats.empty(int(np.prod(info.shape[1:])), info.shape[0])
-    for k, batch in enumerate(run_batches(work, [name], feeds)):
-        x = batch[name]
-        geo = _geometry(info, x.shape[2:])
-        stats.add(im2col_rows(x, targets.positions[info.node_index][k], **geo), targets.outputs[info.node_index][k])
-    return stats
+    def _get(self, stream: str, name: str, j: int) -> np.ndarray:
+        return np.load(os.path.join(self._dir, self._files[stream][name], f"{j}.npy"), allow_pickle=False)
+
+    def _collect(self) -> None:
+        """Remove the files no stream refers to any more."""
+        keep = set(self._files["orig"].values()) | set(self._files["work"].values())
+        for key in os.listdir(self._dir):
+            if key not in keep:
+                shutil.rmtree(os.path.join(self._dir, key), ignore_errors=True)
 
 
 def install(work: onnx.ModelProto, info: ConvInfo, plan: LayerPlan | IntPlan) -> None:
-    """Replace the layer's weight (and bias) in the working model by the decoded compressed values."""
+    """Replace the layer's weight (and bias) in a model by the decoded compressed values."""
     node = work.graph.node[info.node_index]
     w_hat = plan.decoded_weight()
     wname, bname = f"{info.weight_name}__calib{info.node_index}", f"{info.weight_name}__calib_bias{info.node_index}"

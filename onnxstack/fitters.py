@@ -143,34 +143,39 @@ def fit_int_output(job: Job) -> IntPlan:
 
 
 def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray] | None,
-               config: CompressConfig, targets: calibrate.Targets | None = None,
-               progress: Callable[[str], None] | None = None) -> dict[int, Plan]:
+               config: CompressConfig, progress: Callable[[str], None] | None = None) -> dict[int, Plan]:
     """node index -> LayerPlan for every eligible Conv. Without data: weights-only fits in parallel. With
-    data: graph order, each layer on the inputs of the model compressed so far (see calibrate.py)."""
+    data: graph order, each layer on the inputs of the model compressed so far (one walk, calibrate.py)."""
     if feeds is None:
         return _weights_only(model, infos, config, progress)
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     todo = [i for i in infos if i.eligible]
-    targets = targets or calibrate.original_targets(model, todo, feeds, config)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
     opset = default_opset(model)
+    chosen = {i.node_index: choose(i, config, calibrated=True, opset=opset) for i in todo}
     plans: dict[int, Plan] = {}
     done: dict[tuple, Plan] = {}  # (weight, settings) -> plan: layers sharing a weight share a fit
+    first = {}
     for info in todo:
+        first.setdefault((info.weight_name, config.for_layer(info.name)), info.node_index)
+
+    def needs(info):  # only the first user of a shared fit is measured
         key = (info.weight_name, config.for_layer(info.name))
-        if key in done:
-            plan = done[key]
-        else:
-            fitter, reason = choose(info, config, calibrated=True, opset=opset)
-            stats = calibrate.layer_stats(work, info, feeds, targets) if needs_data(fitter) else None
-            plan = FITTERS[fitter](Job(info, weights[info.weight_name], config, stats, opset))
-            if reason:
-                plan = _with_fallback(plan, reason)
-        done[key] = plans[info.node_index] = plan
-        calibrate.install(work, info, plan)
-        if progress:
-            progress(info.name)
+        return needs_data(chosen[info.node_index][0]) and first[key] == info.node_index
+
+    with calibrate.Walk(model, todo, feeds, config, sequential=True, needs=needs) as walk:
+        for info, stats in walk:
+            key = (info.weight_name, config.for_layer(info.name))
+            if key in done:
+                plan = done[key]
+            else:
+                fitter, reason = chosen[info.node_index]
+                plan = FITTERS[fitter](Job(info, weights[info.weight_name], config, stats, opset))
+                if reason:
+                    plan = _with_fallback(plan, reason)
+            done[key] = plans[info.node_index] = plan
+            walk.install(info, plan)
+            if progress:
+                progress(info.name)
     return plans
 
 

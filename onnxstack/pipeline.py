@@ -167,8 +167,7 @@ def fit_stage(model, settings: Settings, progress: Progress | None = None) -> li
     total = sum(i.eligible for i in infos)
     counter = iter(range(1, total + 1))
     report_progress = (lambda name: progress(next(counter), total, name)) if progress else None
-    targets = settings.candidates.targets if settings.candidates is not None and feeds is not None else None
-    by_node = fit_layers(model, infos, feeds, settings.config, targets, report_progress)
+    by_node = fit_layers(model, infos, feeds, settings.config, report_progress)
     return [(info, by_node.get(info.node_index)) for info in infos]
 
 

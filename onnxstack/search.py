@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .analyse import ConvInfo, analyse
-from .calibrate import Targets, original_targets
+from .calibrate import Walk
 from .config import CompressConfig, LayerOverride
 from .core import cost
 from .core.calib import LayerStats, OutputMetric, fit_output_aware, fit_output_aware_filter
@@ -239,7 +239,6 @@ class Candidates:
     per_layer: dict
     fixed_bits: int  # layers that stay as they are
     total_bits: int  # all conv weights and biases, dense
-    targets: Targets
     sensitivity: dict = field(default_factory=dict)  # layer -> end-to-end output error per unit of its own
 
     @property
@@ -274,8 +273,7 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
              and "slice depth" in (i.reason or "") else i for i in infos]
     todo = [i for i in infos if i.eligible and i.group == 1]
     opset = default_opset(model)
-    targets = original_targets(model, todo, feeds, config, with_stats=True)
-    fixed, total, cands, refs, seen = 0, 0, {}, {}, set()
+    fixed, total, seen, measured = 0, 0, set(), set()
     for info in infos:
         if info.weight_name in seen or not info.shape or len(info.shape) != 4:
             continue
@@ -284,12 +282,17 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
         total += dense
         if not info.eligible or info.group != 1:
             fixed += dense
-            continue
-        bias = weights[info.bias_name] if info.bias_name else None
-        cands[info.name], ref = layer_candidates(info, weights[info.weight_name], bias,
-                                                 targets.stats[info.node_index], config, opset)
-        if ref:
-            refs[info.name] = ref
+        else:
+            measured.add(info.node_index)  # the first layer of each weight
+    cands, refs = {}, {}
+    with Walk(model, todo, feeds, config, sequential=False, needs=lambda i: i.node_index in measured) as walk:
+        for info, stats in walk:
+            if stats is None:
+                continue
+            bias = weights[info.bias_name] if info.bias_name else None
+            cands[info.name], ref = layer_candidates(info, weights[info.weight_name], bias, stats, config, opset)
+            if ref:
+                refs[info.name] = ref
     if not cands:
         raise ConfigError("choosing settings per layer needs at least one eligible Conv with group=1")
     gains = sensitivities(model, {i.name: i for i in todo}, refs, feeds)
@@ -297,7 +300,7 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
     for name, options in cands.items():
         gain = float(np.clip(gains.get(name, typical), 1e-3 * typical, 1e3 * typical))
         cands[name] = [replace(c, damage=c.damage * gain) for c in options]
-    return Candidates(cands, fixed, total, targets, gains)
+    return Candidates(cands, fixed, total, gains)
 
 
 RATIO_GRID = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)

@@ -259,18 +259,18 @@ def test_shared_int_weight_is_stored_and_dequantized_once():
 def test_int_candidate_matches_the_fitted_plan():
     """The search's candidate function gives the bits and damage of the plan the fit stage builds (on the first
     layer, whose current inputs are the original ones)."""
-    from onnxstack.calibrate import original_targets
+    from onnxstack.calibrate import Walk
 
     model = conv_model(LAYERS, opset=21, ir_version=10)
     data = feeds()
     result = onnxstack.compress(model, mixed(), data=data)
     infos = [i for i in analyse(model, mixed()) if i.eligible]
-    targets = original_targets(model, infos, data, mixed(), with_stats=True)
-    info = infos[0]
+    with Walk(model, infos[:1], data, mixed(), sequential=False) as walk:
+        (info, stats), = list(walk)
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for bits, opset, stored in ((4, 21, 4), (8, 21, 8), (4, 17, 8)):
         got_bits, damage = int_candidate(info, weights[info.weight_name], weights[info.bias_name],
-                                         targets.stats[info.node_index], bits, opset)
+                                         stats, bits, opset)
         assert got_bits == 16 * 8 * 9 * stored + 32 * 16 * 2
         if bits == 4 and opset == 21:
             e = entries(result)["conv0"]

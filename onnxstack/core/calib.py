@@ -115,8 +115,8 @@ class OutputMetric:
         Hp[np.diag_indices(Kp)] += damp * max(float(np.mean(np.diag(H))), 1e-12)
         Gp = np.zeros((Kp, n_out))
         Gp[:K] = G
-        Hp, Hinv, U = _safe_inverse(Hp)
-        Wstar = (Hinv @ Gp).T
+        Hp, U = _safe_inverse(Hp)
+        Wstar = apply_inverse(U, Gp).T
         blocks = U.reshape(s, D, s, D)[np.arange(s), :, np.arange(s)]  # (s, D, D) diagonal blocks
         return cls(d, kernel, Hp, Wstar, U, _safe_block_inverse(blocks))
 
@@ -181,20 +181,25 @@ def fit_output_aware_filter(weight: np.ndarray, stats: LayerStats, d: int, m: in
     return fit, (my - What @ mx).astype(np.float32)
 
 
-def _safe_inverse(H: np.ndarray, tries: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(H', H'^-1, U) with U upper and H'^-1 = U^T U, for H' = H plus the least extra damping that makes
-    both Cholesky factorisations succeed (H as given when it is well conditioned): a singular or
-    indefinite H (too few or duplicated calibration rows, dead inputs) is never an error."""
+def _safe_inverse(H: np.ndarray, tries: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(H', U) with U upper triangular and H'^-1 = U^T U, for H' = H plus the least extra damping that makes
+    the factorisation succeed (H as given when it is well conditioned): a singular or indefinite H (too few
+    or duplicated calibration rows, dead inputs) is never an error.
+
+    One Cholesky factorisation and one triangular inverse (2/3 K^3 flops): with J the reversal, J H J = L L^T
+    gives H = R R^T for the upper R = J L J, so U = R^-1 = J L^-1 J. H^-1 itself is never formed: apply it as
+    U^T (U x) (`apply_inverse`)."""
+    from scipy.linalg import lapack
+
     scale = max(float(np.mean(np.abs(np.diag(H)))), 1e-12)
     extra = 0.0
     for _ in range(tries):
         Hd = H if extra == 0 else H + extra * scale * np.eye(len(H))
         try:
-            L = np.linalg.cholesky(Hd)
-            Hinv = np.linalg.solve(L.T, np.linalg.solve(L, np.eye(len(H))))
-            U = np.linalg.cholesky(Hinv).T  # reads the lower triangle only
-            if np.isfinite(U).all():
-                return Hd, Hinv, U
+            L = np.linalg.cholesky(Hd[::-1, ::-1])
+            Linv, info = lapack.dtrtri(L, lower=1)
+            if info == 0 and np.isfinite(Linv).all():
+                return Hd, np.ascontiguousarray(Linv[::-1, ::-1])
         except np.linalg.LinAlgError:
             pass
         extra = 1e-6 if extra == 0 else extra * 10
@@ -203,7 +208,12 @@ def _safe_inverse(H: np.ndarray, tries: int = 8) -> tuple[np.ndarray, np.ndarray
     w = np.maximum(w, 1e-3 * scale)
     Hd = (V * w) @ V.T
     Hinv = (V / w) @ V.T
-    return Hd, Hinv, np.linalg.cholesky((Hinv + Hinv.T) / 2).T
+    return Hd, np.linalg.cholesky((Hinv + Hinv.T) / 2).T
+
+
+def apply_inverse(U: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """H^-1 X for the factor U of `_safe_inverse` (H^-1 = U^T U)."""
+    return U.T @ (U @ X)
 
 
 def _safe_block_inverse(blocks: np.ndarray) -> np.ndarray:

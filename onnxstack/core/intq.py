@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calib import LayerStats, _quad, _safe_inverse
+from .calib import LayerStats, _quad, _safe_inverse, apply_inverse
 
 QRANGE = {8: (-127, 127), 4: (-8, 7)}  # stored integer range by bit width (symmetric scale: max |w| -> 127 or 7)
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
@@ -97,9 +97,9 @@ def quantize_output_aware(weight: np.ndarray, stats: LayerStats, bits: int, damp
     if K != weight[0].size or G.shape[1] != n:
         raise ValueError(f"stats are for K={K}, N={G.shape[1]}; weight.shape={weight.shape}")
     Hd = H + np.eye(K) * damp * max(float(np.mean(np.diag(H))), 1e-12)
-    Hd, Hinv, U = _safe_inverse(Hd)
+    Hd, U = _safe_inverse(Hd)
     w0 = weight.reshape(n, K).astype(np.float64)
-    wstar = w0 + (Hinv @ (G - H @ w0.T)).T  # (N, K): the ridge pulls toward the original weight, not to zero
+    wstar = w0 + apply_inverse(U, G - H @ w0.T).T  # (N, K): the ridge pulls toward the original weight, not to zero
     base = _base_scale(wstar, bits)
     best_err, best_s, best_q = np.full(n, np.inf), base.copy(), np.zeros((n, K))
     for r in CLIP_RATIOS:

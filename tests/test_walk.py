@@ -1,0 +1,108 @@
+"""The calibration walk (calibrate.Walk): one pass of the data through the graph, cut at the layers, on
+bounded memory; its statistics equal those of running the whole working model once per layer."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxstack import CompressConfig
+from onnxstack import calibrate, runtime
+from onnxstack.analyse import analyse
+from onnxstack.calibrate import Walk, _geometry
+from onnxstack.core.calib import LayerStats, im2col_rows, output_size
+from onnxstack.plan import plan_layer
+
+
+def residual_model(seed=0):
+    """conv0 -> relu -> conv1 -> relu -> (+ relu0) -> conv2 ; conv3 reads relu0 too (a side branch)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def conv(i, x, cin, cout, out, **attrs):
+        w = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(cin * 9)).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32) * .1, f"b{i}")])
+        nodes.append(helper.make_node("Conv", [x, f"w{i}", f"b{i}"], [out], name=f"conv{i}", pads=[1, 1, 1, 1], **attrs))
+
+    conv(0, "input", 8, 16, "c0")
+    nodes.append(helper.make_node("Relu", ["c0"], ["r0"]))
+    conv(1, "r0", 16, 16, "c1")
+    nodes.append(helper.make_node("Relu", ["c1"], ["r1"]))
+    nodes.append(helper.make_node("Add", ["r1", "r0"], ["s"]))
+    conv(2, "s", 16, 16, "c2", strides=[2, 2])
+    conv(3, "r0", 16, 16, "c3")
+    nodes.append(helper.make_node("ReduceMean", ["c3"], ["side"], keepdims=0, axes=[2, 3]))
+    g = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 8, 10, 10])],
+                          [helper.make_tensor_value_info("c2", TensorProto.FLOAT, None),
+                           helper.make_tensor_value_info("side", TensorProto.FLOAT, None)], initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def reference_stats(work, original, info, feeds):
+    """The layer's stats from full runs: current input of `work`, original outputs of `original`, every position."""
+    weights = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    name = original.graph.node[info.node_index].input[0]
+    x_now = next(runtime.run_batches(work, [name], feeds, batch=10 ** 6))[name]
+    x_orig = next(runtime.run_batches(original, [name], feeds, batch=10 ** 6))[name]
+    geo = _geometry(info, x_now.shape[2:])
+    ho, wo = output_size(x_now.shape[2:], geo["kernel"], geo["strides"], geo["pads"], geo["dilations"])
+    pos = np.tile(np.arange(ho * wo), (len(x_now), 1))
+    w = weights[info.weight_name].reshape(info.shape[0], -1)
+    stats = LayerStats.empty(w.shape[1], w.shape[0])
+    stats.add(im2col_rows(x_now, pos, **geo), im2col_rows(x_orig, pos, **geo) @ w.T + weights[info.bias_name])
+    return stats
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_walk_stats_equal_full_runs_of_the_working_model(sequential, monkeypatch):
+    model = residual_model()
+    config = CompressConfig(slice_dim=8, codebook_size=16, calibration_positions=10 ** 6)  # every position
+    infos = [i for i in analyse(model, config) if i.eligible]
+    assert [i.name for i in infos] == ["conv0", "conv1", "conv2", "conv3"]
+    feeds = {"input": np.random.default_rng(1).standard_normal((70, 8, 10, 10)).astype(np.float32)}
+    monkeypatch.setattr(calibrate, "BATCH_BYTES", 8 * 100 * 4 * 16)  # batches of 16: five, the last short
+    sessions = []
+    real_open = calibrate.open_session
+    monkeypatch.setattr(calibrate, "open_session", lambda m: sessions.append(1) or real_open(m))
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    seen = []
+    with Walk(model, infos, feeds, config, sequential=sequential) as walk:
+        assert walk.batch == 16
+        for info, stats in walk:
+            expect = reference_stats(work if sequential else model, model, info, feeds)
+            assert stats.n == expect.n
+            for a, b in zip(stats.centred(), expect.centred()):
+                np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-3)
+            plan = plan_layer(info, weights[info.weight_name], config)
+            walk.install(info, plan)
+            calibrate.install(work, info, plan)
+            seen.append(info.name)
+    assert seen == ["conv0", "conv1", "conv2", "conv3"]
+    # one session a segment and stream (conv0's segment is empty; conv3's reads only what is already live)
+    assert len(sessions) <= 2 * 3
+
+
+def test_walk_holds_one_batch_in_memory_and_leaves_no_files(monkeypatch, tmp_path):
+    model = residual_model()
+    config = CompressConfig(slice_dim=8, codebook_size=16)
+    infos = [i for i in analyse(model, config) if i.eligible]
+    feeds = {"input": np.random.default_rng(1).standard_normal((40, 8, 10, 10)).astype(np.float32)}
+    monkeypatch.setattr(calibrate, "BATCH_BYTES", 8 * 100 * 4 * 8)
+    with Walk(model, infos, feeds, config, folder=str(tmp_path)) as walk:
+        it = iter(walk)
+        next(it), next(it)
+        spill = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs]
+        # what is live at conv1 (r0) of 5 batches in both streams, nothing more
+        assert spill and all(np.load(f).shape[0] == 8 for f in spill)
+        assert len(spill) <= 2 * 5
+    assert list(tmp_path.iterdir()) == []
+
+    with pytest.raises(KeyboardInterrupt):
+        with Walk(model, infos, feeds, config, folder=str(tmp_path)) as walk:
+            for _ in walk:
+                raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
