@@ -3,8 +3,8 @@ onnxruntime's per-channel int8 / int4 QDQ quantization and a binary-weight basel
 
     python bench/accuracy.py [--models fashion_cnn mnist_cnn] [--calib 1000]
 
-Writes bench/results/accuracy.{json,md}. Test data: the 2,000-image files in sample_models/data;
-calibration: the 1,000 training images beside them (labels unused). conv_ratio counts every stored
+Writes bench/results/accuracy.{json,md}. Test data: the test files in sample_models/data; calibration:
+the first --calib of the training images beside them (labels unused); the tables state both counts. conv_ratio counts every stored
 bit of the convolutions (codebooks, indices, scales, biases, layers left dense, QDQ scales/zero points).
 """
 
@@ -49,6 +49,7 @@ def measure(label, model, logits_ref, labels, base_bits, seconds=None, extra=Non
 
 
 def run_model(name, calib_n, tmp: Path):
+    """(rows, counts): one row a method, and the numbers of test and calibration images used."""
     global TEST
     path, test_path, calib_path = SAMPLES[name]
     model = onnx.load(REPO / path)
@@ -78,13 +79,15 @@ def run_model(name, calib_n, tmp: Path):
                             {"report_conv_ratio": result.report["conv_ratio"]}))
     for r in rows:
         r["drop_points"] = 100 * (rows[0]["accuracy"] - r["accuracy"])
-    return rows
+    return rows, {"test_images": len(labels), "calibration_images": len(calib["input"])}
 
 
-def markdown(results) -> str:
+def markdown(results, counts) -> str:
     lines = []
     for name, rows in results.items():
-        lines += [f"**{name}** (2,000 test images; calibration: 1,000 training images, no labels)", "",
+        n = counts[name]
+        lines += [f"**{name}** ({n['test_images']:,} test images; calibration: {n['calibration_images']:,} training "
+                  "images, no labels)", "",
                   "| method | conv ratio | file KB | top-1 % | drop (points) | agreement % | seconds |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
@@ -100,13 +103,13 @@ def main():
     ap.add_argument("--models", nargs="+", default=list(SAMPLES), choices=list(SAMPLES))
     ap.add_argument("--calib", type=int, default=1000, help="calibration images")
     args = ap.parse_args()
-    results = {}
+    results, counts = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            results[name] = run_model(name, args.calib, Path(tmp))
-            print(markdown({name: results[name]}), flush=True)
-    md = markdown(results)
-    write_results("accuracy", {"environment": environment(), "results": results}, md)
+            results[name], counts[name] = run_model(name, args.calib, Path(tmp))
+            print(markdown({name: results[name]}, counts), flush=True)
+    md = markdown(results, counts)
+    write_results("accuracy", {"environment": environment(), "images": counts, "results": results}, md)
     redraw_accuracy_vs_ratio(RESULTS)  # from this script's results and the other's
     print(md)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -128,7 +129,39 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def write_results(name: str, data: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown + "\n")
+def git_state(repo: Path = REPO) -> dict:
+    """The commit the working tree is at (`git rev-parse HEAD`) and whether tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def measured_line(state: dict) -> str:
+    """'Measured at commit <12 hex>[ (with uncommitted changes)], <date>.': the line every results .md ends with."""
+    dirty = " (with uncommitted changes)" if state.get("dirty") else ""
+    return f"Measured at commit {state['commit'][:12]}{dirty}, {state['date']}."
+
+
+def write_results(name: str, data: dict, markdown: str, stamp: bool = True, results: Path | None = None) -> dict:
+    """Write bench/results/NAME.json and NAME.md. With stamp (the default) the json gets `measured_at`
+    (commit, dirty, date, the script's command line) and the .md ends with `measured_line`; a script whose
+    results merge runs made at different commits (real_models.py) records one per run itself and passes
+    stamp=False. Returns what was written to the json."""
+    import sys
+
+    results = RESULTS if results is None else results
+    results.mkdir(parents=True, exist_ok=True)
+    if stamp:
+        script = Path(sys.argv[0]).resolve()
+        script = script.relative_to(REPO) if script.is_relative_to(REPO) else script.name
+        state = {**git_state(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", str(script),
+                                                                                        *sys.argv[1:]])}
+        data = {"measured_at": state, **data}
+        markdown = markdown.rstrip() + "\n\n" + measured_line(state)
+    (results / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (results / f"{name}.md").write_text(markdown + "\n")
+    return data

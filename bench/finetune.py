@@ -2,12 +2,13 @@
 
     python bench/finetune.py [--models fashion_cnn mnist_cnn] [--data-dir ../shared/data] [--threads 2]
 
-For each model: compress at a high conv ratio (calibrated on the 1,000-image calibration file), score the
-post-training model, fine-tune it on the training split for a fixed wall-time budget (2 torch threads;
-10% of the split held out to pick the best epoch; the test images are never seen), write the file back,
-and score it in onnxruntime on the 2,000 test images with onnxstack's evaluate (what `onnxstack evaluate`
-prints). The training splits are the ones scripts/train_samples.py trained the models on
-(sklearn train_test_split, stratified, random_state=0): Fashion-MNIST 60,000 of 70,000, MNIST 8,000 of 10,000.
+For each model: compress at a high conv ratio (calibrated on the sample's calibration file), score the
+post-training model, fine-tune it on the training split for a fixed wall-time budget (--threads torch threads;
+a share of the split held out to pick the best epoch, HELDOUT_MAX images or HELDOUT_PERCENT of the split if
+fewer; the test images are never seen), write the file back, and score it in onnxruntime on the sample's test
+images with onnxstack's evaluate (what `onnxstack evaluate` prints). The training splits are the ones
+scripts/train_samples.py trained the models on (sklearn train_test_split, stratified, random_state=0, the
+test_size of each row of RUNS held out). The table's header states the counts and threads of the run.
 
 Writes bench/results/finetune.{json,md}.
 """
@@ -35,6 +36,9 @@ from onnxstack.core import cost  # noqa: E402
 from onnxstack.data import from_arrays  # noqa: E402
 from onnxstack.evaluate import evaluate  # noqa: E402
 from plots import redraw_accuracy_vs_ratio  # noqa: E402
+
+HELDOUT_MAX, HELDOUT_PERCENT = 5000, 10  # the share of the training split that picks the epoch kept
+BAR_MINUTES = 10  # the issue's bar: fine-tuning within this many minutes
 
 # one row each: model, training data file and its test split size, the issue's bar, compression (config, or
 # target_ratio: onnxstack's own per-layer allocation, as `--target-ratio`) and fine-tuning settings.
@@ -88,7 +92,7 @@ def run_model(spec: dict, data_dir: Path, threads: int, tmp: Path, overrides: di
     test_feeds, test_labels = load_npz(test_path)
     calib, _ = load_npz(calib_path)
     x_train, y_train = training_split(data_dir / spec["data"], spec["test_size"])
-    x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=min(5000, len(x_train) // 10),
+    x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=min(HELDOUT_MAX, len(x_train) * HELDOUT_PERCENT // 100),
                                                       stratify=y_train, random_state=0)
 
     t0 = time.perf_counter()
@@ -119,15 +123,15 @@ def run_model(spec: dict, data_dir: Path, threads: int, tmp: Path, overrides: di
         "drop_post_training": 100 * (acc_orig - acc_post), "drop_finetuned": 100 * (acc_orig - ev["accuracy_compressed"]),
         "agreement_finetuned": ev["top1_agreement"],
         "finetune_minutes": minutes, "compress_seconds": compress_s, "threads": threads,
-        "train_samples": len(x_train), "best_epoch": tuned.best_epoch,
+        "train_samples": len(x_train), "test_samples": len(test_labels), "best_epoch": tuned.best_epoch,
         "heldout_samples": len(x_val), "heldout_accuracy_loop": best.get("accuracy"),
         "heldout_accuracy_evaluate": held["accuracy_compressed"],
-        "bar": {"conv_ratio": spec["bar_ratio"], "max_drop_points": spec["bar_drop"], "max_minutes": 10},
+        "bar": {"conv_ratio": spec["bar_ratio"], "max_drop_points": spec["bar_drop"], "max_minutes": BAR_MINUTES},
         "compress_config": result.config.to_dict(), "finetune_config": config.to_dict(), "history": tuned.history,
         "file_bytes": out.stat().st_size, "load_average_1min": [load_before, os.getloadavg()[0]],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
-    row["meets_bar"] = (ratio >= spec["bar_ratio"] and row["drop_finetuned"] <= spec["bar_drop"] and minutes <= 10)
+    row["meets_bar"] = (ratio >= spec["bar_ratio"] and row["drop_finetuned"] <= spec["bar_drop"] and minutes <= BAR_MINUTES)
     print(f"{spec['label']}: fine-tuned {row['accuracy_finetuned']:.4f} (drop {row['drop_finetuned']:.2f} points) "
           f"in {minutes:.1f} min", flush=True)
     return row
@@ -141,14 +145,20 @@ def _log(event: str, info: dict) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["Fine-tuning by distillation: 2,000 test images; 2 torch threads; the epoch kept is the best on a "
-             "held-out share of the training split (5,000 images, or 10% if fewer). Bar of the issue: conv ratio, top-1 drop, 10 minutes. "
+    models = list(dict.fromkeys(r["model"].split(",")[0] for r in rows))
+    by_model = lambda key: ", ".join(f"{m} {_values([r for r in rows if r['model'].split(',')[0] == m], key)}"  # noqa: E731
+                                     for m in models)
+    lines = [f"Fine-tuning by distillation: test images {by_model('test_samples')}; {_values(rows, 'threads')} torch "
+             f"thread(s); the epoch kept is the best on a held-out share of the training split (at most "
+             f"{HELDOUT_MAX:,} images, or {HELDOUT_PERCENT}% if fewer: {by_model('heldout_samples')}), "
+             f"training images {by_model('train_samples')}. Bar of the issue: conv ratio, top-1 drop, "
+             f"{_values([r['bar'] for r in rows], 'max_minutes')} minutes. "
              "Baselines (same test images) from bench/results/accuracy.json.", "",
              "| model | method | conv ratio | top-1 % | drop (points) | fine-tune min | held-out % loop / evaluate | "
              "bar | met |",
              "|---|---|---:|---:|---:|---:|---:|---|---|"]
     baselines = _baselines()
-    for model in dict.fromkeys(r["model"].split(",")[0] for r in rows):
+    for model in models:
         shown = set()
         for r in [r for r in rows if r["model"].split(",")[0] == model]:
             bar = f">= {r['bar']['conv_ratio']}x, <= {r['bar']['max_drop_points']} pt"
@@ -165,6 +175,12 @@ def markdown(rows: list[dict]) -> str:
             lines.append(f"| {model} | {b['method']} | {b['conv_ratio']:.1f}x | {100 * b['accuracy']:.2f} | "
                          f"{b['drop']:.2f} | | | | |")
     return "\n".join(lines)
+
+
+def _values(rows: list[dict], key: str) -> str:
+    """The distinct values of rows[i][key] as the run recorded them ('2', '2 / 4'; '?' where a row lacks it)."""
+    seen = dict.fromkeys(f"{r[key]:,}" if isinstance(r.get(key), int) else str(r.get(key, "?")) for r in rows)
+    return " / ".join(seen) or "?"
 
 
 def _baselines() -> dict[str, list[dict]]:

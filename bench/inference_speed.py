@@ -14,7 +14,7 @@ times output pixels; other layers' MACs added alike) are reported beside, as rat
 
 Layers (the cost-model check): every distinct eligible Conv geometry of the models, and a sweep
 of codebook sizes m over a few typical geometries, run as one-Conv models in the dense and stacked
-forms (1 thread, batch 1): the measured speed-up of stacked over dense against the predicted MAC
+forms (LAYER_THREADS, LAYER_BATCH): the measured speed-up of stacked over dense against the predicted MAC
 ratio, and whether stacked is faster wherever the cost model picks it.
 
 Writes bench/results/inference_speed.{json,md}, inference_speed.png (latency ratios) and
@@ -24,6 +24,7 @@ inference_speed_layers.png (predicted against measured).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 import tempfile
@@ -53,6 +54,9 @@ SWEEP_GEOMETRIES = [  # (N, C, k, stride, H): typical ResNet / VGG layers
     (256, 1024, 1, 1, 14),
 ]
 SWEEP_M = (8, 16, 32, 64, 128, 256)
+LAYER_THREADS, LAYER_BATCH = 1, 1  # the cost-model check's one-Conv runs
+PLOT_THREADS, PLOT_BATCH = 1, 1  # the whole-model latencies drawn in inference_speed.png
+MARGIN = inspect.signature(cost.choose_form).parameters["margin"].default  # the cost model's "stacked" threshold
 
 
 def model_path(name: str) -> Path | None:
@@ -230,9 +234,9 @@ def bench_layer(n_out, cin, k, stride, hw, m, runs, min_seconds) -> dict:
     forms, entry = {}, None
     for form in ("dense", "stacked"):
         result = onnxstack.compress(model, onnxstack.CompressConfig(codebook_size=m, execution=form))
-        forms[form] = open_session(result.model, threads=1)
+        forms[form] = open_session(result.model, threads=LAYER_THREADS)
         entry = result.report["layers"][0]
-    feeds = {"input": np.random.default_rng(0).standard_normal((1, cin, hw, hw)).astype(np.float32)}
+    feeds = {"input": np.random.default_rng(0).standard_normal((LAYER_BATCH, cin, hw, hw)).astype(np.float32)}
     times = time_sessions(forms, feeds, runs, min_seconds)
     dense_ms, stacked_ms = (1e3 * float(np.median(times[f])) for f in ("dense", "stacked"))
     speedup = paired_ratio(times["dense"], times["stacked"])
@@ -297,7 +301,7 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
     lines = [f"Latency in onnxruntime {meta['environment']['onnxruntime']} (CPU): the original's median, and each "
              f"variant's ratio to it (median over rounds of the two times in the same round); "
              f"{meta['environment']['cpus']} CPUs, load average "
-             f"{meta['load_before'][0]:.1f} before / {meta['load_after'][0]:.1f} after. Default settings (d=16, "
+             f"{meta['load_before'][0]:.1f} before / {meta['load_after'][0]:.1f} after. Default settings (d={onnxstack.CompressConfig().slice_dim}, "
              "automatic m, no data); 'default' runs each layer in the form the cost model picks. Predicted: MAC "
              "ratio to the original by the cost model. 'Original kernels': onnxruntime's optimised graph of the "
              "default model has the same nodes as the original's (every layer dense: the decoded weight is "
@@ -319,16 +323,17 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
         all_rows = layers["model_layers"] + layers["sweep"]
         picked = [r for r in all_rows if r["cost_model_picks"] == "stacked"]
         wrong = [r for r in picked if r["measured_speedup"] <= 1.0]
-        missed = [r for r in all_rows if r["cost_model_picks"] == "dense" and r["measured_speedup"] > 1.25]
+        missed = [r for r in all_rows if r["cost_model_picks"] == "dense" and r["measured_speedup"] > MARGIN]
         errors = [r["measured_speedup"] / r["predicted_speedup"] for r in all_rows]
-        lines += ["", f"Cost-model check on one-Conv models (1 thread, batch 1, d=16): the speed-up of the stacked form "
+        lines += ["", f"Cost-model check on one-Conv models ({LAYER_THREADS} thread(s), batch {LAYER_BATCH}, d="
+                  f"{onnxstack.CompressConfig().slice_dim}): the speed-up of the stacked form "
                   f"over the dense one, predicted (MAC ratio, with the cost model's fixed "
                   f"{cost.STACKED_OVERHEAD_MACS:,} MACs a stacked call) against measured (latency ratio), on the "
                   f"{len(layers['model_layers'])} distinct layer shapes of these models at their default m, and on "
                   f"m in {list(SWEEP_M)} for {len(SWEEP_GEOMETRIES)} typical shapes ({len(all_rows)} points; "
                   f"measured / predicted: median {np.median(errors):.2f}, range {min(errors):.2f}-{max(errors):.2f}). "
-                  f"The cost model picks stacked (predicted speed-up over 1.25) for {len(picked)} points; stacked is "
-                  f"faster in {len(picked) - len(wrong)} of them. Dense is picked but stacked is more than 1.25x "
+                  f"The cost model picks stacked (predicted speed-up over {MARGIN:g}) for {len(picked)} points; stacked is "
+                  f"faster in {len(picked) - len(wrong)} of them. Dense is picked but stacked is more than {MARGIN:g}x "
                   f"faster at {len(missed)} points.", ""]
         shown = [r for r in all_rows if r["cost_model_picks"] == "stacked" or r in missed
                  or r in layers["model_layers"] and r["measured_speedup"] > 0.8]
@@ -345,12 +350,13 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
 def plot(results: dict, layers: dict | None) -> None:
     from plots import grouped_bars, predicted_vs_measured
 
-    key = next((k for k in ("threads1_batch1",) if all(k in e["latency"] for e in results.values())), None)
+    key = f"threads{PLOT_THREADS}_batch{PLOT_BATCH}"
+    key = key if all(key in e["latency"] for e in results.values()) else None
     if key and results:
         names = list(results)
         grouped_bars(RESULTS / "inference_speed.png", names,
                      {f: [results[n]["latency"][key]["ratio"][f] for n in names] for f in FORMS},
-                     "latency / original (log)", "Latency of the compressed model, 1 thread, batch 1",
+                     "latency / original (log)", f"Latency of the compressed model, {PLOT_THREADS} thread(s), batch {PLOT_BATCH}",
                      log=True, hline=1.0)
     if layers:
         points = [{"x": r["predicted_speedup"], "y": r["measured_speedup"], "label": "model layers, default m"}
@@ -358,7 +364,7 @@ def plot(results: dict, layers: dict | None) -> None:
         points += [{"x": r["predicted_speedup"], "y": r["measured_speedup"], "label": f"sweep m={r['m']}"}
                    for r in layers["sweep"]]
         predicted_vs_measured(RESULTS / "inference_speed_layers.png", points,
-                              "Stacked vs dense, one-Conv models (1 thread, batch 1)", margin=1.25)
+                              f"Stacked vs dense, one-Conv models ({LAYER_THREADS} thread(s), batch {LAYER_BATCH})", margin=MARGIN)
 
 
 def main():

@@ -1,23 +1,24 @@
 """Integer layers on the fashion sample: all convs int4 / int8 with data (GPTQ-style) and without (round to
 nearest), at opset 21 (an upgraded copy) and 17 (int4 falls back to int8), and int first/last layers around
-binary ones. Per-conv output error on the 2,000 test images (accumulated, against the original), top-1.
+binary ones. Per-conv output error on the sample's test images (accumulated, against the original), top-1.
 
-    python bench/int_layers.py     # about 3 minutes on 2 cores; writes bench/results/int_layers.json
+    python bench/int_layers.py     # a few minutes; writes bench/results/int_layers.{json,md}
 """
-from pathlib import Path
 import json, time
 import numpy as np, onnx
 from onnx import version_converter, helper
 import onnxstack
 from onnxstack.config import CompressConfig, LayerOverride
 import onnxruntime as ort
+from common import REPO, SAMPLES, environment, write_results
 
-base = onnx.load("sample_models/fashion_cnn.onnx")
+MODEL, TEST, CALIB = SAMPLES["fashion_cnn"]
+base = onnx.load(REPO / MODEL)
 m21 = version_converter.convert_version(base, 21)
 m21.ir_version = 10
 onnx.checker.check_model(m21, full_check=True)
-calib = np.load("sample_models/data/fashion_calib.npz")["input"]
-test = np.load("sample_models/data/fashion_test.npz")
+calib = np.load(REPO / CALIB)["input"]
+test = np.load(REPO / TEST)
 xt, yt = test["input"], test["labels"]
 convs = ["conv1", "conv2", "conv3", "conv4"]
 
@@ -39,7 +40,8 @@ def score(model):
     errs = {c: float(np.sum((g - r) ** 2) / np.sum((r - r.mean(axis=(0, 2, 3), keepdims=True)) ** 2)) for c, g, r in zip(convs, got[1:], ref[1:])}
     return top1, errs
 
-print("original top-1", float(np.mean(ref[0].argmax(1) == yt)))
+original_top1 = float(np.mean(ref[0].argmax(1) == yt))
+print("original top-1", original_top1)
 rows = []
 def case(name, model, overrides, data, **kw):
     cfg = CompressConfig(overrides={c: LayerOverride(**v) for c, v in overrides.items()}, **kw)
@@ -64,4 +66,19 @@ for data in (False, True):
     case("binary default, conv1 dense", m21, {}, data)
     case("conv1 int8 + binary middle + conv4 int8", m21, {"conv1": dict(representation="int8"), "conv4": dict(representation="int8")}, data)
     case("conv1 int4 + binary middle + conv4 int4", m21, {"conv1": dict(representation="int4"), "conv4": dict(representation="int4")}, data)
-json.dump(rows, open(Path(__file__).parent / "results/int_layers.json", "w"), indent=1)
+
+
+def markdown(rows):
+    lines = [f"Integer layers on fashion_cnn: {len(yt):,} test images, {len(calib):,} calibration images; original "
+             f"top-1 {100 * original_top1:.2f}%. Output error: per-conv relative squared error against the original.",
+             "", "| case | data | top-1 % | conv ratio | file KB | seconds | output error " + " / ".join(convs) + " |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {'yes' if r['data'] else 'no'} | {r['top1']:.2f} | {r['conv_ratio']:.2f}x | "
+                     f"{r['file_kb']:.1f} | {r['seconds']:.1f} | "
+                     + " / ".join(f"{r['out_err'][c]:.4f}" for c in convs) + " |")
+    return "\n".join(lines)
+
+
+write_results("int_layers", {"environment": environment(), "test_images": len(yt), "calibration_images": len(calib),
+                             "original_top1": original_top1, "results": rows}, markdown(rows))

@@ -84,7 +84,8 @@ def accuracy_vs_ratio(results_dir: Path) -> Path | None:
     acc_path, ft_path = results_dir / "accuracy.json", results_dir / "finetune.json"
     if not acc_path.exists():
         return None
-    accuracy = json.loads(acc_path.read_text())["results"]
+    acc_data = json.loads(acc_path.read_text())
+    accuracy = acc_data["results"]
     finetuned = json.loads(ft_path.read_text())["results"] if ft_path.exists() else []
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(accuracy), figsize=(5.4 * len(accuracy), 4.2), squeeze=False)
@@ -112,7 +113,8 @@ def accuracy_vs_ratio(results_dir: Path) -> Path | None:
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set_xlabel("conv ratio (every stored bit of the convolutions)")
-        ax.set_ylabel("top-1 % (2,000 test images)")
+        n_test = acc_data.get("images", {}).get(model, {}).get("test_images")  # recorded since the commit stamp
+        ax.set_ylabel(f"top-1 % ({n_test:,} test images)" if n_test else "top-1 % (test images)")
         ax.set_ylim(0, 101)  # the whole range: collapse to chance is part of the picture
         ax.set_title(model, fontsize=10)
         ax.grid(alpha=0.3, which="both")

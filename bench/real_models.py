@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 import onnxstack
-from common import REPO, binary_weight_baseline, conv_bits, environment, write_results
+from common import REPO, binary_weight_baseline, conv_bits, environment, git_state, write_results
 from common import ort_quantized as common_ort_quantized
 from zoo import cache_dir
 
@@ -671,7 +671,9 @@ def markdown(results: dict, tasks_: dict, total_s: float | None = None, runs: di
         if bar:
             lines.append(bar)
         if runs and name in runs:
-            lines.append(f"Measured at commit {runs[name]['commit'][:12]}, {runs[name]['date']}; this model took "
+            commit = runs[name]["commit"]
+            dirty = " (with uncommitted changes)" if commit.endswith("(with uncommitted changes)") else ""
+            lines.append(f"Measured at commit {commit[:12]}{dirty}, {runs[name]['date']}; this model took "
                          f"{info.get('seconds', 0) / 60:.1f} min.")
         lines.append("")
     if total_s is not None:
@@ -698,13 +700,9 @@ def issue_bar(rows: list, primary: str) -> str:
 
 
 def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + (" (with uncommitted changes)" if dirty else "")
-    except OSError:
-        return "unknown"
+    """The commit of this run as each model's entry in `runs` records it: 'sha[ (with uncommitted changes)]'."""
+    state = git_state()
+    return state["commit"] + (" (with uncommitted changes)" if state["dirty"] else "")
 
 
 def main():
@@ -727,7 +725,7 @@ def main():
         from common import RESULTS
 
         data = json.loads((RESULTS / "real_models.json").read_text())
-        (RESULTS / "real_models.md").write_text(markdown(data["results"], all_tasks, None, data["runs"]) + "\n")
+        write_results("real_models", data, markdown(data["results"], all_tasks, None, data["runs"]), stamp=False)
         return
     methods = [m for m in METHODS if (m.target is None or m.target in args.ratios)
                and (not args.only or any(o in m.label for o in args.only))]
@@ -779,8 +777,8 @@ def write(results: dict, all_tasks: dict, total: float, args) -> None:
         runs = {**old.get("runs", {}), **{name: env for name in results}} if not args.only else \
             {**old.get("runs", {}), **{name: {**old.get("runs", {}).get(name, env), "added_rows": {
                 "commit": env["commit"], "date": env["date"], "only": args.only}} for name in results}}
-        write_results("real_models", {"runs": runs, "results": merged},
-                      markdown(merged, all_tasks, None, runs))
+        write_results("real_models", {"runs": runs, "results": merged},  # commits are per model, in runs
+                      markdown(merged, all_tasks, None, runs), stamp=False)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
     python bench/reconstruct.py [--models fashion_cnn mnist_cnn] [--ratios 16 32 64] [--threads 1]
 
-For each model and target ratio: compress with the calibrated path (1,000 calibration images,
-`--target-ratio R`), then reconstruct the same compressed model with each variant below (same
-calibration images, seed 0), and score every file in onnxruntime on the 2,000 test images: top-1
+For each model and target ratio: compress with the calibrated path (the first COMPRESS_CALIB calibration
+images, `--target-ratio R`), then reconstruct the same compressed model with each variant below (the whole
+calibration file, ReconstructConfig's seed), and score every file in onnxruntime on the test images: top-1
 and agreement with the original's top-1. Variants (the last three each add one thing to "+ scales and biases"):
   closed-form only | + latent codebooks (the defaults) | + scales and biases |
   + index re-assignment every 100 steps | + QDrop mixing 0.5 | scales and biases, whole chain as one block
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: idle threads yield on a shared machine
@@ -26,6 +25,8 @@ import numpy as np  # noqa: E402
 import onnxstack  # noqa: E402
 from common import REPO, SAMPLES, environment, load_npz, predict, write_results  # noqa: E402
 from onnxstack.torch_bridge.reconstruct import ReconstructConfig, reconstruct  # noqa: E402
+
+COMPRESS_CALIB = 1000  # calibration images the closed-form fit sees
 
 ALL = dict(train_scales=True, train_bias=True)
 VARIANTS = [  # explicit settings, independent of ReconstructConfig's defaults
@@ -44,19 +45,18 @@ def main() -> None:
     ap.add_argument("--ratios", nargs="+", type=float, default=[16, 32, 64])
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
     load_start = os.getloadavg()
-    rows = []
+    rows, images = [], {}
     for name in args.models:
         model_path, test_path, calib_path = SAMPLES[name]
         calib, _ = load_npz(calib_path)
         test, labels = load_npz(test_path)
         ref = predict(REPO / model_path, test, threads=args.threads).argmax(1)
+        images[name] = {"test": len(labels), "calibration_compress": len(calib["input"][:COMPRESS_CALIB]),
+                        "calibration_reconstruct": len(calib["input"])}
         for ratio in args.ratios:
             t = time.monotonic()
-            result = onnxstack.compress(REPO / model_path, data={"input": calib["input"][:1000]}, target_ratio=ratio)
+            result = onnxstack.compress(REPO / model_path, data={"input": calib["input"][:COMPRESS_CALIB]}, target_ratio=ratio)
             compress_s = time.monotonic() - t
             for label, overrides in VARIANTS:
                 row = dict(model=name, target_ratio=ratio, conv_ratio=result.report["conv_ratio"], variant=label,
@@ -76,17 +76,18 @@ def main() -> None:
                 rows.append(row)
                 print(f"{name} {ratio:g}x {label:34s} top-1 {row['top1']:6.2f} agreement {row['agreement']:6.2f} "
                       f"{seconds:6.1f} s", flush=True)
-    data = {"commit": commit, "dirty": dirty, "threads": args.threads, "load_average_start": load_start,
+    data = {"threads": args.threads, "cpus": os.cpu_count(), "seed": ReconstructConfig().seed, "images": images, "load_average_start": load_start,
             "load_average_end": os.getloadavg(), "environment": environment(), "rows": rows,
             "defaults": ReconstructConfig().to_dict()}
     write_results("reconstruct", data, markdown(data))
 
 
 def markdown(data: dict) -> str:
-    lines = [f"Block reconstruction after the calibrated closed-form fit; 2,000 test images, 1,000 calibration "
-             f"images, seed 0, {data['threads']} torch thread(s) on a shared 2-core machine (load average "
+    images = "; ".join(f"{m}: {n['test']:,} test images, calibration {n['calibration_compress']:,} for the fit and "
+                       f"{n['calibration_reconstruct']:,} for reconstruction" for m, n in data["images"].items())
+    lines = [f"Block reconstruction after the calibrated closed-form fit; {images}; seed {data['seed']}, "
+             f"{data['threads']} torch thread(s) on a shared {data['cpus']}-core machine (load average "
              f"{data['load_average_start'][0]:.1f} at the start, {data['load_average_end'][0]:.1f} at the end). "
-             f"Commit {data['commit'][:10]}{' (dirty)' if data['dirty'] else ''}. "
              "Block loss: ||f(x) - t||^2 / ||t||^2 on the calibration images, summed over blocks.", "",
              "| model | target | conv ratio | variant | top-1 % | agreement % | block loss before -> after | "
              "reconstruct s |", "|---|---:|---:|---|---:|---:|---|---:|"]
