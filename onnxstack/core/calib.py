@@ -84,10 +84,16 @@ class LayerStats:
 
     def centred(self):
         """(mean_x (K,), H (K,K), G (K,N), mean_y (N,)) with H, G of centred data."""
-        mx, my = self.sx / self.n, self.sy / self.n
-        H = self.sxx - self.n * np.outer(mx, mx)
-        G = self.sxy - self.n * np.outer(mx, my)
+        mx, G, my = self.centred_cross()
+        H = np.outer(mx, mx)  # one (K, K) array: H = sxx - n mx mx^T, built in place
+        H *= -self.n
+        H += self.sxx
         return mx, H, G, my
+
+    def centred_cross(self):
+        """(mean_x, G, mean_y) without the (K, K) moment."""
+        mx, my = self.sx / self.n, self.sy / self.n
+        return mx, self.sxy - self.n * np.outer(mx, my), my
 
 
 @dataclass
@@ -102,6 +108,7 @@ class OutputMetric:
     Wstar: np.ndarray   # (N, Kp)
     U: np.ndarray       # (Kp, Kp)
     Linv: np.ndarray    # (s, D, D)
+    damping: float = 0.0  # what was added to H's diagonal (H - damping I: the moments of the data)
 
     @classmethod
     def build(cls, stats: "LayerStats", n_out: int, channels: int, d: int, kernel: tuple[int, int],
@@ -110,15 +117,20 @@ class OutputMetric:
         s, D = ceil_div(channels, d), d * kh * kw
         K, Kp = channels * kh * kw, s * D
         _, H, G, _ = stats.centred()
-        Hp = np.zeros((Kp, Kp))
-        Hp[:K, :K] = H
-        Hp[np.diag_indices(Kp)] += damp * max(float(np.mean(np.diag(H))), 1e-12)
-        Gp = np.zeros((Kp, n_out))
-        Gp[:K] = G
+        lam = damp * max(float(np.mean(np.diag(H))), 1e-12)
+        if Kp == K:  # H is a fresh array: damp it in place (the (K, K) arrays dominate the memory of a fit)
+            Hp, Gp = H, G
+        else:
+            Hp, Gp = np.zeros((Kp, Kp)), np.zeros((Kp, n_out))
+            Hp[:K, :K], Gp[:K] = H, G
+        del H
+        Hp[np.diag_indices(Kp)] += lam
+        before = float(Hp[0, 0])
         Hp, U = _safe_inverse(Hp)
+        lam += float(Hp[0, 0]) - before  # any extra damping _safe_inverse needed
         Wstar = apply_inverse(U, Gp).T
         blocks = U.reshape(s, D, s, D)[np.arange(s), :, np.arange(s)]  # (s, D, D) diagonal blocks
-        return cls(d, kernel, Hp, Wstar, U, _safe_block_inverse(blocks))
+        return cls(d, kernel, Hp, Wstar, U, _safe_block_inverse(blocks), lam)
 
 
 def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, terms: int = 1, rounds: int = 3,
@@ -129,7 +141,7 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
     s, D = ceil_div(cg, d), d * kh * kw
     K, Kp = cg * kh * kw, s * D
     metric = metric or OutputMetric.build(stats, N, cg, d, (kh, kw), damp)
-    mx, H, G, my = stats.centred()
+    mx, G, my = stats.centred_cross()
     Wstar = metric.Wstar
     init = fit_binary_codebook(to_slices(Wstar.reshape(N, s * d, kh, kw).astype(np.float32), d), m,
                                iterations=iterations, seed=seed, terms=terms)
@@ -145,9 +157,9 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
     _, B, idx, alpha = best
     if correct:
         # per-channel least-squares gain: min_g || g Xc w_i - Yc_i ||^2, folded into the scales
-        What = decode(B, idx, alpha).reshape(N, Kp)[:, :K]
-        num = np.einsum("nk,kn->n", What, G)
-        den = _quad(What, H)
+        What = decode(B, idx, alpha).reshape(N, Kp)
+        num = np.einsum("nk,kn->n", What[:, :K], G)
+        den = _quad(What, metric.H) - metric.damping * np.sum(What * What, axis=1)  # undamped: the data's
         gain = np.where(den > 0, num / np.where(den > 0, den, 1.0), 1.0)
         alpha = alpha * gain[:, None, None]
     alpha = _to_float16_range(alpha)
@@ -196,10 +208,11 @@ def _safe_inverse(H: np.ndarray, tries: int = 8) -> tuple[np.ndarray, np.ndarray
     for _ in range(tries):
         Hd = H if extra == 0 else H + extra * scale * np.eye(len(H))
         try:
-            L = np.linalg.cholesky(Hd[::-1, ::-1])
-            Linv, info = lapack.dtrtri(L, lower=1)
-            if info == 0 and np.isfinite(Linv).all():
-                return Hd, np.ascontiguousarray(Linv[::-1, ::-1])
+            L = np.linalg.cholesky(Hd[::-1, ::-1])  # lower, C order: L.T is upper in Fortran order
+            Linv_t, info = lapack.dtrtri(L.T, lower=0, overwrite_c=1)  # (L^-1)^T, in L's memory
+            if info == 0 and np.isfinite(Linv_t).all():
+                U = np.ascontiguousarray(Linv_t.T[::-1, ::-1])
+                return Hd, U
         except np.linalg.LinAlgError:
             pass
         extra = 1e-6 if extra == 0 else extra * 10
