@@ -81,7 +81,8 @@ def handle_errors(fn):
 
 
 class LazyBar:
-    """A progress callback whose bar appears with the first update (so early errors stay one line)."""
+    """A progress callback whose bar appears with the first update (so early errors stay one line); a phase
+    that ends (done == total) closes its bar, and the next phase opens its own."""
 
     def __init__(self, label: str):
         self.label, self.bar = label, None
@@ -93,6 +94,7 @@ class LazyBar:
         self.bar.update(1, item)
         if done == total:
             self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 class EchoHandler(logging.Handler):

@@ -70,7 +70,8 @@ def compress(model_or_path, config: CompressConfig | None = None, *, data=None, 
     ratio with the least output damage (see search.py); the choice overrides the config's.
     max_drop: with data, the highest ratio whose top-1 accuracy drop (with labels; else 100 - top-1
     agreement) on a held-out quarter of the data stays within max_drop points.
-    progress(done, total, layer name) is called after each layer is planned.
+    progress(done, total, item) is called after each layer is planned (item: the layer's name) and, under a
+    target ratio or max drop, after each layer's candidates are measured (item: "choosing settings: NAME").
     reconstruct: with data, block reconstruction after the fit (needs torch; see pipeline.reconstruct_stage):
     True runs it, a torch_bridge.reconstruct.ReconstructConfig tunes it, None / False skip it (opt-in: held out,
     it did not beat the closed-form fit on the sample models yet).

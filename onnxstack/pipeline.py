@@ -73,7 +73,8 @@ def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | 
         model = upgrade_checked(model)
         infos = analyse(model, config)
     feeds, labels, data_check = calibration_data(data, model, config.seed) if data is not None else (None, None, None)
-    settings = allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, source.original_bytes)
+    settings = allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, source.original_bytes,
+                              progress)
     plans = fit_stage(model, settings, progress)
     out, report = assemble(model, settings.infos, plans, settings.config, source.original_bytes)
     report.update({"calibrated": feeds is not None, **settings.record})
@@ -138,7 +139,8 @@ def load_stage(model_or_path) -> Source:
     return Source(normalise(model), path, data_files, original_bytes)
 
 
-def allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, original_bytes) -> Settings:
+def allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, original_bytes,
+                   progress: Progress | None = None) -> Settings:
     """The config as given, or with the per-layer settings the target ratio or the maximum drop calls for."""
     check_search_options(config, feeds, target_ratio, max_drop)
     if target_ratio is None and max_drop is None:
@@ -148,7 +150,7 @@ def allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, 
     held_out = None
     if max_drop is not None:
         feeds, held_out = hold_out(feeds, labels, config.seed)
-    candidates = layer_candidates_all(model, infos, feeds, config)
+    candidates = layer_candidates_all(model, infos, feeds, config, progress)
     if max_drop is not None:
         def build(cfg):
             s = Settings(cfg, analyse(model, cfg), candidates, feeds=feeds)

@@ -261,7 +261,7 @@ class Candidates:
 
 
 def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],
-                         config: CompressConfig) -> Candidates:
+                         config: CompressConfig, progress: Callable[[int, int, str], None] | None = None) -> Candidates:
     """Fit every layer the search may compress under each candidate setting on the original inputs (one
     data pass), and weigh each layer's damage by its measured end-to-end sensitivity.
 
@@ -293,6 +293,8 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
             cands[info.name], ref = layer_candidates(info, weights[info.weight_name], bias, stats, config, opset)
             if ref:
                 refs[info.name] = ref
+            if progress:
+                progress(len(cands), len(measured), f"choosing settings: {info.name}")
     if not cands:
         raise ConfigError("choosing settings per layer needs at least one eligible Conv with group=1")
     gains = sensitivities(model, {i.name: i for i in todo}, refs, feeds)

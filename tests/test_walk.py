@@ -35,8 +35,8 @@ def residual_model(seed=0):
     conv(3, "r0", 16, 16, "c3")
     nodes.append(helper.make_node("ReduceMean", ["c3"], ["side"], keepdims=0, axes=[2, 3]))
     g = helper.make_graph(nodes, "res", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 8, 10, 10])],
-                          [helper.make_tensor_value_info("c2", TensorProto.FLOAT, None),
-                           helper.make_tensor_value_info("side", TensorProto.FLOAT, None)], initializer=inits)
+                          [helper.make_tensor_value_info("c2", TensorProto.FLOAT, ["n", 16, 5, 5]),
+                           helper.make_tensor_value_info("side", TensorProto.FLOAT, ["n", 16])], initializer=inits)
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
@@ -106,3 +106,18 @@ def test_walk_holds_one_batch_in_memory_and_leaves_no_files(monkeypatch, tmp_pat
             for _ in walk:
                 raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_covers_the_search_and_the_fit():
+    import onnxstack
+
+    model = residual_model()
+    feeds = {"input": np.random.default_rng(1).standard_normal((64, 8, 10, 10)).astype(np.float32)}
+    calls = []
+    onnxstack.compress(model, CompressConfig(slice_dim=8), data=feeds, target_ratio=8,
+                       progress=lambda done, total, item: calls.append((done, total, item)))
+    search = [c for c in calls if c[2].startswith("choosing settings: ")]
+    fit = [c for c in calls if not c[2].startswith("choosing settings: ")]
+    assert [c[:2] for c in search] == [(k, 4) for k in range(1, 5)]
+    assert [c[:2] for c in fit] == [(k, 4) for k in range(1, 5)]
+    assert [c[2] for c in fit] == ["conv0", "conv1", "conv2", "conv3"]
