@@ -501,12 +501,14 @@ METHODS = [
     Method("onnxruntime int4 per-channel QDQ (weights)", "ort", bits=4),
     Method("binary weights sign(W)*mean|W|", "binary"),
     Method("onnxstack no data (defaults)", "onnxstack"),
-    *[Method(f"onnxstack calibrated, target {r}x", "onnxstack", calibrated=True, target=r) for r in RATIOS if r <= 32],
+    *[Method(f"onnxstack calibrated, target {r}x", "onnxstack", calibrated=True, target=r,
+             compress_kwargs={"reconstruct": False}) for r in RATIOS if r <= 32],
     Method("onnxstack fine-tuned from calibrated 32x", "finetune", base="onnxstack calibrated, target 32x"),
-    *[Method(f"onnxstack calibrated, target {r}x", "onnxstack", calibrated=True, target=r) for r in RATIOS if r > 32],
-    # block/layer output reconstruction (issue 12, item 2): shown once CompressConfig grows the option
+    *[Method(f"onnxstack calibrated, target {r}x", "onnxstack", calibrated=True, target=r,
+             compress_kwargs={"reconstruct": False}) for r in RATIOS if r > 32],
+    # block reconstruction after the closed-form fit (issue 12, item 2)
     *[Method(f"onnxstack reconstructed, target {r}x", "onnxstack", calibrated=True, target=r,
-             config={"reconstruct": True}) for r in RATIOS],
+             compress_kwargs={"reconstruct": True}) for r in RATIOS],
 ]
 
 
