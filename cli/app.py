@@ -64,6 +64,10 @@ def default_output(model: Path) -> Path:
 @click.option("--execution", type=click.Choice(["auto", "dense", "stacked"]), default="auto", show_default=True,
               help="How compressed layers run: cost model, decode+Conv, or binary Conv+sparse merge.")
 @click.option("--skip", multiple=True, metavar="NODE", help="Conv node name to leave dense (repeatable).")
+@click.option("--rest", type=click.Choice(["float", "int8"]), default="float", show_default=True,
+              help="What compression leaves float (layers kept dense or skipped, depthwise convs, Gemm/MatMul "
+                   "weights not lifted; >= 1024 values, 2-D or more): kept float, or stored int8 per output "
+                   "channel through DequantizeLinear. The report's `rest` entry lists what it stored and skipped.")
 @click.option("--iterations", type=int, default=20, show_default=True, help="Codebook fitting iterations.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--data", "data_path", type=click.Path(path_type=Path),
@@ -74,7 +78,11 @@ def default_output(model: Path) -> Path:
 @click.option("--augment", type=click.IntRange(min=1), metavar="N",
               help="With image --data: stretch the calibration set N-fold with seeded random crops, shifts and "
                    "flips (for small image sets; N x the memory).")
-@click.option("--target-ratio", type=float, help="With --data: choose d, m, k per layer to reach this conv ratio.")
+@click.option("--target-ratio", type=float,
+              help="With --data: choose d, m, k (or int8/int4) per layer to reach this conv ratio: float32 bits / "
+                   "stored bits of the weights and biases of all Conv layers, Gemm/MatMul lifted to 1x1 Convs "
+                   "included, where layers kept dense or skipped count at their float32 size. It is not the file "
+                   "ratio (the table's headline), which also counts every other tensor and the graph.")
 @click.option("--max-drop", type=float, metavar="POINTS",
               help="With --data: the highest ratio whose top-1 drop (labels) or disagreement stays within POINTS "
                    "on a held-out quarter of the data.")
@@ -95,7 +103,7 @@ def default_output(model: Path) -> Path:
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @handle_errors
-def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, terms, execution, skip, iterations,
+def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, terms, execution, skip, rest, iterations,
              seed, data_path, limit, augment, target_ratio, max_drop, reconstruct, reconstruct_steps, finetune_epochs,
              image_size, channels, pixel_scale, mean, std, layout, report_path, external_data, inline_functions, overwrite,
              quiet):
@@ -103,7 +111,7 @@ def compress(model, output, slice_dim, codebook_size, max_codebook_size, scale, 
     try:
         config = onnxstack.CompressConfig(
             slice_dim=slice_dim, codebook_size=codebook_size, max_codebook_size=max_codebook_size, scale=scale,
-            terms=terms, execution=execution, skip=tuple(skip), iterations=iterations, seed=seed)
+            terms=terms, execution=execution, skip=tuple(skip), iterations=iterations, seed=seed, rest=rest)
     except ConfigError as e:
         raise option_error(e) from None
     check_compress_options(data_path, target_ratio, max_drop, finetune_epochs, augment)

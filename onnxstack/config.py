@@ -17,6 +17,7 @@ from .errors import ConfigError
 SCALE_MODES = ("slice", "filter")
 EXECUTIONS = ("auto", "dense", "stacked")
 REPRESENTATIONS = ("binary", "int8", "int4")  # stacked binary codebook, or per-channel integers (DequantizeLinear)
+RESTS = ("float", "int8")  # how the float weights compression leaves are stored (see rest.py)
 CONFIG_VERSION = 1
 
 
@@ -51,6 +52,8 @@ class CompressConfig:
         per-channel integers through DequantizeLinear instead of a binary codebook).
     calibration_positions: output positions sampled per calibration image and layer.
     calibration_damp: ridge term of the output-aware fit, relative to the mean input energy.
+    rest: "float" keeps what compression leaves (layers kept dense or skipped, weights of other nodes) as it
+        is; "int8" stores each such weight worth it per output channel through DequantizeLinear (rest.py).
     """
 
     slice_dim: int = 16
@@ -66,6 +69,7 @@ class CompressConfig:
     calibration_damp: float = 0.01
     skip: tuple[str, ...] = ()
     overrides: Mapping[str, LayerOverride] = field(default_factory=dict)
+    rest: str = "float"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -81,6 +85,8 @@ class CompressConfig:
         if self.scale not in SCALE_MODES:
             raise ConfigError(f"scale must be one of {SCALE_MODES}, got {self.scale!r}")
         _check_execution(self.execution, "execution")
+        if self.rest not in RESTS:
+            raise ConfigError(f"rest must be one of {RESTS}, got {self.rest!r}")
         if not 0 <= self.iterations <= 1000:
             raise ConfigError(f"iterations must be in [0, 1000], got {self.iterations}")
         if not 1 <= self.calibration_positions <= 1 << 20:
@@ -119,6 +125,8 @@ class CompressConfig:
         d = dataclasses.asdict(self)
         d["skip"] = list(self.skip)
         d["overrides"] = {k: _override_dict(v) for k, v in self.overrides.items()}
+        if d["rest"] == "float":  # left out at its default: configs from before --rest keep their JSON and bytes
+            del d["rest"]
         d["version"] = CONFIG_VERSION
         return d
 

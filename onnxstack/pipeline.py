@@ -35,6 +35,7 @@ from .load import check_model, load_model_and_data_files, model_bytes
 from .normalise import default_opset, normalise, upgrade_checked
 from .plan import LayerPlan
 from .report import SUMMARY_KEYS, already_compressed, build_report
+from .rest import store_rest
 from .rewrite import rewrite
 from .search import Candidates, hold_out, layer_candidates_all, search_ratio
 
@@ -182,11 +183,12 @@ def assemble(model, infos, layers, config, original_bytes) -> tuple[onnx.ModelPr
         "onnxstack.report": json.dumps({k: summary[k] for k in SUMMARY_KEYS}),
     }
     out = rewrite(model, [(i, p) for i, p in layers if p is not None], metadata)
+    rest = store_rest(out, config.rest)  # what compression left float: kept, or int8 per channel (--rest)
     try:
         check_model(out, full_check=True)
     except Exception as e:  # noqa: BLE001 - a failure here is our bug, reported as such
         raise OnnxstackError(f"internal error: the rewritten model fails the ONNX checker: {one_line(e)}") from None
-    return out, build_report(layers, original_bytes, model_bytes(out))
+    return out, {**build_report(layers, original_bytes, model_bytes(out)), "rest": rest}
 
 
 # --- checks made before any work -------------------------------------------------------------------

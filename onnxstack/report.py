@@ -9,6 +9,13 @@ from .core import cost
 from .plan import IntPlan, LayerPlan
 
 SUMMARY_KEYS = ("conv_bits_original", "conv_bits_compressed", "conv_ratio", "layers_compressed", "layers_skipped")
+# what the two ratios measure (the report states it; the table's headline says it in short)
+FILE_RATIO = ("the headline: bytes of the input model / bytes of the written model (its external data included), "
+              "so every stored tensor counts, --rest int8 ones too")
+CONV_RATIO = ("float32 bits / stored bits of the weights and biases of the main graph's Conv layers, Gemm and "
+              "MatMul layers lifted to 1x1 Convs included, each stored tensor once; layers kept dense or skipped "
+              "count at their float32 size (what --rest stores is not counted here, see `rest`). This is the ratio "
+              "--target-ratio aims at")
 
 
 def layer_entry(info: ConvInfo, plan: LayerPlan | IntPlan | None) -> dict:
@@ -76,12 +83,13 @@ def build_report(layers: list[tuple[ConvInfo, LayerPlan | IntPlan | None]], orig
             after.update(weight)  # the rewrite keeps the dense weight for its other readers
     conv_orig, conv_comp = sum(before.values()), sum(after.values())
     return {
+        "file_ratio": original_bytes / compressed_bytes if compressed_bytes else None,
         "original_bytes": original_bytes,
         "compressed_bytes": compressed_bytes,
-        "file_ratio": original_bytes / compressed_bytes if compressed_bytes else None,
+        "conv_ratio": conv_orig / conv_comp if conv_comp else None,
         "conv_bits_original": conv_orig,
         "conv_bits_compressed": conv_comp,
-        "conv_ratio": conv_orig / conv_comp if conv_comp else None,
+        "ratios": {"file_ratio": FILE_RATIO, "conv_ratio": CONV_RATIO},
         "layers_compressed": sum(1 for _, p in layers if p is not None),
         "layers_skipped": sum(1 for _, p in layers if p is None),
         "layers": entries,
@@ -99,15 +107,19 @@ def _weight_bits(info: ConvInfo) -> dict[str, int]:
 
 
 def format_table(report: dict) -> str:
-    """Per-layer before/after table with totals."""
+    """The headline (file ratio, then the conv ratio and what it covers), the per-layer before/after table with
+    totals, footnotes, and what --rest stored."""
     head = ["layer", "shape", "repr", "d", "m", "k", "fit", "form", "bits before", "bits after", "ratio", "SNR dB",
             "w.err"]
+    rest = report.get("rest") or {}
+    by_rest = {e["name"] for e in rest.get("touched", ())}
     rows = []
     for e in report["layers"]:
         shape = "x".join(map(str, e["shape"])) if e["shape"] else "?"
         if "skipped" in e:
             b = str(e.get("bits", "?"))
-            rows.append([e["name"], shape, "float", "-", "-", "-", "-", "skipped", b, b, "1.0", "-", e["skipped"]])
+            why = e["skipped"] + ("; weight stored int8 by --rest (below)" if e.get("weight") in by_rest else "")
+            rows.append([e["name"], shape, "float", "-", "-", "-", "-", "skipped", b, b, "1.0", "-", why])
         else:
             fit = e.get("fitter", "-") + ("*" if "fallback" in e else "")
             dmk = [str(e[k]) if k in e else "-" for k in ("slice_dim", "codebook_size", "terms")]
@@ -121,14 +133,41 @@ def format_table(report: dict) -> str:
                  str(report["compressed_bytes"]),
                  f"{report['file_ratio']:.1f}" if report["file_ratio"] else "-", "", ""])
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
-    lines = []
+    lines = [headline(report)]
     for r in [head, *rows]:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         if r is head:
-            lines.append("-" * len(lines[0]))
+            lines.append("-" * len(lines[-1]))
     lines += [f"* {e['name']}: {e['fallback']}" for e in report["layers"] if "fallback" in e]
     lines += [f"! {e['name']}: {e['data_warning']}" for e in report["layers"] if "data_warning" in e]
+    lines += rest_lines(rest)
     return "\n".join(lines)
+
+
+def headline(report: dict) -> str:
+    """One line: the file ratio first, then the conv ratio (and the target, if any) and what it covers."""
+    fr, cr, target = report.get("file_ratio"), report.get("conv_ratio"), report.get("target_ratio")
+    file_part = (f"file ratio {fr:.1f}x ({report['original_bytes']} -> {report['compressed_bytes']} bytes)"
+                 if fr else f"file ratio - ({report['original_bytes']} bytes before)")
+    conv_part = f"conv ratio {cr:.1f}x" if cr else "conv ratio -"
+    if target is not None:
+        conv_part += f" (target {target:g}x)"
+    return (f"{file_part}; {conv_part} over the Conv and lifted Gemm/MatMul weights and biases, "
+            "the ratio --target-ratio aims at")
+
+
+def rest_lines(rest: dict) -> list[str]:
+    """What --rest int8 stored per channel, and the weights it left float with the reasons."""
+    if rest.get("mode") != "int8":
+        return []
+    touched, skipped, small = rest["touched"], rest["skipped"], rest["small_left_float"]
+    lines = [f"rest (--rest int8): {len(touched)} tensor(s) stored int8 per channel, {rest['bytes_before']} -> "
+             f"{rest['bytes_after']} bytes; {len(skipped)} left float with a reason; {small['tensors']} small or 1-D "
+             f"tensor(s) ({small['bytes']} bytes) stay float"]
+    lines += [f"  int8   {e['name']} {'x'.join(map(str, e['shape']))} ({e['op']} '{e['consumer']}', axis {e['axis']}): "
+              f"{e['bytes']} -> {e['bytes_after']} bytes, w.err {e['weight_rel_error']:.4f}" for e in touched]
+    lines += [f"  float  {e['name']} {'x'.join(map(str, e['shape']))}: {e['reason']}" for e in skipped]
+    return lines
 
 
 def compressed_summary(model) -> dict | None:
