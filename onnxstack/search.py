@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .analyse import ConvInfo, analyse
+from .analyse import INT_MIN_OPSET, ConvInfo, analyse
 from .calibrate import Walk
 from .config import CompressConfig, LayerOverride
 from .core import cost
@@ -122,7 +122,7 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
     dense_bits = cost.dense_bits(n, cg, kh, kw, bias is not None)
     fixed = config.overrides.get(info.name, LayerOverride()).representation
     metrics, ref = {}, None
-    for int_bits in (8, 4):
+    for int_bits in (8, 4) if opset >= INT_MIN_OPSET else ():  # below: the fit would leave the layer dense
         if fixed in (None, f"int{int_bits}") and int_storage(int_bits, opset)[0] == int_bits:
             bits, harm = int_candidate(info, weight, bias, stats, int_bits, opset, config.calibration_damp)
             out.append(Candidate(0, 0, 0, bits, harm, f"int{int_bits}"))
