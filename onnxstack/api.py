@@ -72,8 +72,8 @@ def compress(model_or_path, config: CompressConfig | None = None, *, data=None, 
     agreement) on a held-out quarter of the data stays within max_drop points.
     progress(done, total, layer name) is called after each layer is planned.
     reconstruct: with data, block reconstruction after the fit (needs torch; see pipeline.reconstruct_stage):
-    True runs it, a torch_bridge.reconstruct.ReconstructConfig tunes it, None / False skip it (opt-in: held out,
-    it did not beat the closed-form fit on the sample models yet).
+    True runs it, a torch_bridge.reconstruct.ReconstructConfig tunes it, None / False skip it (opt-in: each block
+    is kept only if held-out outputs improve, and on the sample models no block did).
     """
     out, report, used, source = pipeline.run(model_or_path, config or CompressConfig(), data, target_ratio,
                                              max_drop, progress, reconstruct)

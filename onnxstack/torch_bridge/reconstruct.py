@@ -12,8 +12,14 @@ For each block b (see blocks.py), in graph order:
 Codebooks train through sign() with a straight-through estimator (layers.py); every
 `reassign_every` steps the indices may be re-picked against the original weights, kept only when
 the block loss drops. Adam with cosine decay; the learning rates of scales and biases are relative
-to their layer's magnitude, so one setting fits any model. A block whose loss on the cached images
-does not drop is put back as it was. Values go back into the compressed file by initializer name.
+to their layer's magnitude, so one setting fits any model. An eighth of the images is held out:
+every `check_every` steps the whole compressed model's output error on them is measured and the block
+keeps its best values (the closed-form ones count as step 0), so a block stays trained only if the model
+gets closer to the original on images it never trained on. The error is the model's, not the block's,
+because the closed-form fit of each later layer compensated the earlier layers' errors: a block that
+matches its own target better can still move the output away. A block whose training rows (images x
+output positions) are fewer than its layers' input features (an FC layer lifted to a 1x1 conv has one
+row an image) is not trained. Values go back into the compressed file by initializer name.
 
     model, report = reconstruct(original, compressed, {"input": x}, ReconstructConfig(steps=500))
 """
@@ -63,6 +69,16 @@ class ReconstructConfig:
     when they would not fit); max_block_layers: larger cut-free regions fall back to one layer a block;
     group: merge consecutive blocks until each holds at least this many compressed convs;
     max_minutes: wall-time limit of the whole run (shared out over the blocks left; None: no limit);
+    held_out: fraction of the images (seeded; at least 8, and only with 16 or more) kept out of training:
+    every `check_every` steps each block's loss on them is measured and the best weights so far kept
+    (the closed-form weights count as step 0), so a block keeps its trained values only if they are
+    closer to the original on images it never trained on; training stops after `patience` checks
+    without a new best (0: never). held_out=0 trains on every image and judges a block by its training
+    loss (the old behaviour);
+    min_rows: a block is not trained when its training rows (images x output positions) are fewer
+    than min_rows x the input features (c_in kh kw / group) of its widest layer: the data then leave
+    directions of the input space unseen (an FC layer lifted to a 1x1 conv has one row an image);
+    0: train every block;
     device: "cpu", "cuda", "cuda:K" or "auto"; threads: torch CPU threads (None: torch's default);
     seed: minibatches and mixing masks.
     """
@@ -83,12 +99,16 @@ class ReconstructConfig:
     max_block_layers: int = 8
     group: int = 1
     max_minutes: float | None = None
+    held_out: float = 0.125
+    check_every: int = 50
+    patience: int = 4
+    min_rows: float = 1.0
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_images", "memory_mb", "max_block_layers", "group"):
+        for name in ("steps", "batch_size", "max_images", "memory_mb", "max_block_layers", "group", "check_every"):
             _positive_int(getattr(self, name), name)
         for name in ("lr", "latent_lr", "latent_init"):
             v = getattr(self, name)
@@ -98,6 +118,13 @@ class ReconstructConfig:
             raise ConfigError(f"reassign_every must be an integer >= 0, got {self.reassign_every!r}")
         if not isinstance(self.qdrop, (int, float)) or not 0 <= self.qdrop <= 1:
             raise ConfigError(f"qdrop must be a probability in [0, 1], got {self.qdrop!r}")
+        if not isinstance(self.held_out, (int, float)) or isinstance(self.held_out, bool) or not 0 <= self.held_out < 1:
+            raise ConfigError(f"held_out must be a fraction in [0, 1), got {self.held_out!r}")
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 0:
+            raise ConfigError(f"patience must be an integer >= 0, got {self.patience!r}")
+        if (not isinstance(self.min_rows, (int, float)) or isinstance(self.min_rows, bool) or not self.min_rows >= 0
+                or not math.isfinite(self.min_rows)):
+            raise ConfigError(f"min_rows must be a finite number >= 0, got {self.min_rows!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("train_latent", "train_scales", "train_bias"):
@@ -171,11 +198,16 @@ class _Run:
         n_all = len(next(iter(x.values())))
         per_image = self._bytes_per_image(x)
         n = max(1, min(n_all, c.max_images, int(c.memory_mb * 2**20 // max(per_image, 1))))
-        pick = np.sort(np.random.default_rng(c.seed).choice(n_all, n, replace=False)) if n < n_all else np.arange(n)
-        batches = [{k: torch.from_numpy(np.ascontiguousarray(v[pick[i:i + CACHE_BATCH]])) for k, v in x.items()}
-                   for i in range(0, n, CACHE_BATCH)]
-        fronts = {"compressed": Frontier(self.student, batches, self.device),
-                  "original": Frontier(self.teacher, batches, self.device)}
+        rng = np.random.default_rng(c.seed)
+        pick = np.sort(rng.choice(n_all, n, replace=False)) if n < n_all else np.arange(n)
+        n_held = max(int(round(n * c.held_out)), 8) if c.held_out > 0 and n >= 16 else 0
+        order = np.random.default_rng([c.seed, 1]).permutation(n)
+        held, train = np.sort(pick[order[:n_held]]), np.sort(pick[order[n_held:]])
+        fronts = self._fronts(x, train)
+        checks = self._fronts(x, held) if n_held else None
+        self.held_batches = [{k: torch.from_numpy(np.ascontiguousarray(v[held[i:i + CACHE_BATCH]])) for k, v in x.items()}
+                             for i in range(0, n_held, CACHE_BATCH)]
+        self.held_ref = [self._outputs(self.teacher, b) for b in self.held_batches]
         records, skipped = [], []
         for b, block in enumerate(self.blocks):
             reason = self._unusable(block, fronts["original"])
@@ -184,18 +216,45 @@ class _Run:
             else:
                 left = None if c.max_minutes is None else c.max_minutes * 60 - (time.monotonic() - start)
                 budget = None if left is None else max(left, 0.0) / (len(self.blocks) - b)
-                records.append(self._block(b, block, fronts, budget))
+                record = self._block(b, block, fronts, checks, budget)
+                (skipped if "reason" in record else records).append(record)
             if progress:
                 progress(b + 1, len(self.blocks), block.name)
         seconds = time.monotonic() - start
-        totals = {"blocks": len(records), "blocks_skipped": len(skipped), "images": n, "images_given": n_all,
-                  "steps": sum(r["steps"] for r in records), "seconds": round(seconds, 2),
+        totals = {"blocks": len(records), "blocks_skipped": len(skipped), "images": len(train), "images_held_out": n_held,
+                  "images_given": n_all, "steps": sum(r["steps"] for r in records), "seconds": round(seconds, 2),
                   "kept": sum(r["kept"] for r in records), "bytes_per_image": per_image, "device": str(self.device)}
         report = {"onnxstack.version": __version__, "config": c.to_dict(), "blocks": records, "skipped": skipped,
                   "totals": totals}
         model = write_back(self.compressed_model, self.student)
         set_metadata(model, {METADATA_KEY: json.dumps({"config": c.to_dict(), "totals": totals}, sort_keys=True)})
         return model, report
+
+    @torch.no_grad()
+    def _outputs(self, module: OnnxModule, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        env = run_nodes(module, range(len(module.nodes)), {k: v.to(self.device) for k, v in batch.items()})
+        return [env[n] for n in module.output_names]
+
+    def output_error(self) -> float:
+        """The compressed model's relative squared output error on the held-out images (as
+        pipeline._output_error: per float output, sum (y - t)^2 / sum (t - mean t)^2, summed)."""
+        num: dict[int, float] = {}
+        den: dict[int, float] = {}
+        ref_all = [torch.cat([r[j] for r in self.held_ref]) for j in range(len(self.held_ref[0]))]
+        got = [self._outputs(self.student, b) for b in self.held_batches]
+        total = 0.0
+        for j, ref in enumerate(ref_all):
+            if not ref.is_floating_point():
+                continue
+            y = torch.cat([g[j] for g in got]).to(ref.device)
+            total += float((y - ref).pow(2).sum()) / max(float((ref - ref.mean()).pow(2).sum()), 1e-30)
+        return total
+
+    def _fronts(self, x: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, Frontier]:
+        batches = [{k: torch.from_numpy(np.ascontiguousarray(v[rows[i:i + CACHE_BATCH]])) for k, v in x.items()}
+                   for i in range(0, len(rows), CACHE_BATCH)]
+        return {"compressed": Frontier(self.student, batches, self.device),
+                "original": Frontier(self.teacher, batches, self.device)}
 
     def _unusable(self, block: Block, original: Frontier) -> str | None:
         missing = [v for v in (*block.inputs, block.output) if not original.has(v)]
@@ -205,29 +264,41 @@ class _Run:
 
     # --- one block ---
 
-    def _block(self, b: int, block: Block, fronts: dict[str, Frontier], budget: float | None) -> dict:
+    def _block(self, b: int, block: Block, fronts: dict[str, Frontier], checks: dict[str, Frontier] | None,
+               budget: float | None) -> dict:
         c = self.config
         t0 = time.monotonic()
-        xs = [torch.cat(v) for v in fronts["compressed"].values(block.inputs)]
+        xs, target = self._data(block, fronts)
         xo = [torch.cat(v) for v in fronts["original"].values(block.inputs)] if c.qdrop > 0 else None
+        fit = _BlockFit(self.student, block, self.weights, c, self.device, target)
+        short = fit.too_few_rows(xs)
+        if short:
+            return {"block": block.name, "layers": list(block.layers), "reason": short}
+        val = self._data(block, checks) if checks else None
+        before_val = fit.error(*val) if val else None
+        steps, reassigned, losses = fit.train(xs, xo, np.random.default_rng([c.seed, b]), budget, t0,
+                                              self.output_error if val else None)
+        kept = losses["kept"]
+        fit.done()
+        record = {"block": block.name, "kind": block.kind, "layers": list(block.layers), "nodes": len(block.nodes),
+                  "output": block.output, "images": len(target), "steps": steps, "reassigned": reassigned,
+                  "loss_before": losses["before"], "loss_after": losses["after"], "loss_trained": losses["trained"],
+                  "kept": kept, "seconds": round(time.monotonic() - t0, 2)}
+        if val:
+            record.update({"held_out_images": len(val[1]), "held_out_loss_before": before_val,
+                           "held_out_loss_after": fit.error(*val) if kept else before_val,
+                           "held_out_output_error_before": losses["held_out_before"],
+                           "held_out_output_error_after": losses["held_out_after"], "best_step": losses["best_step"]})
+        return record
+
+    def _data(self, block: Block, fronts: dict[str, Frontier]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        xs = [torch.cat(v) for v in fronts["compressed"].values(block.inputs)]
         (target,) = [torch.cat(v) for v in fronts["original"].values([block.output])]
         for name, v in zip(block.inputs, xs):
             if not v.is_floating_point() or len(v) != len(target):
                 raise ModelError(f"block {block.name}: input '{name}' (shape {tuple(v.shape)}) is not a batch of "
                                  "float activations; cannot reconstruct")
-        fit = _BlockFit(self.student, block, self.weights, c, self.device, target)
-        before = fit.error(xs)
-        snapshot = fit.snapshot()
-        steps, reassigned = fit.train(xs, xo, np.random.default_rng([c.seed, b]), budget, t0)
-        after = fit.error(xs)
-        kept = after < before
-        if not kept:
-            fit.restore(snapshot)
-        fit.done()
-        return {"block": block.name, "kind": block.kind, "layers": list(block.layers), "nodes": len(block.nodes),
-                "output": block.output, "images": len(target), "steps": steps, "reassigned": reassigned,
-                "loss_before": before, "loss_after": after if kept else before, "loss_trained": after,
-                "kept": kept, "seconds": round(time.monotonic() - t0, 2)}
+        return xs, target
 
     def _bytes_per_image(self, x: dict[str, np.ndarray]) -> int:
         """Cached bytes per image at the worst point: both models' live values and one block's data."""
@@ -273,12 +344,13 @@ class _BlockFit:
         return (d * self.weight).mean() if self.weight is not None else d.mean() / self.t_norm
 
     @torch.no_grad()
-    def error(self, xs: list[torch.Tensor], batch: int = CACHE_BATCH) -> float:
-        """||f(x_c) - t||^2 / ||t||^2 over the cached images."""
+    def error(self, xs: list[torch.Tensor], target: torch.Tensor | None = None, batch: int = CACHE_BATCH) -> float:
+        """||f(x_c) - t||^2 / ||t||^2 over the cached images (the training target unless one is given)."""
+        target = self.target if target is None else target
         self.constants = graph_constants(self.module)
         num = den = 0.0
-        for i in range(0, len(self.target), batch):
-            t = self.target[i:i + batch].to(self.device)
+        for i in range(0, len(target), batch):
+            t = target[i:i + batch].to(self.device)
             y = self.forward([x[i:i + batch].to(self.device) for x in xs])
             num += float((y - t).pow(2).sum())
             den += float(t.pow(2).sum())
@@ -319,9 +391,39 @@ class _BlockFit:
                 p.requires_grad_(True)
         return groups
 
-    def train(self, xs, xo, rng: np.random.Generator, budget: float | None, t0: float) -> tuple[int, int]:
-        """Runs the optimisation; returns (steps done, indices changed by kept re-assignments)."""
+    @torch.no_grad()
+    def too_few_rows(self, xs: list[torch.Tensor]) -> str | None:
+        """Why the block's training data cannot pin its layers down (None when they can): a layer whose
+        training rows (images x output positions) are fewer than min_rows x its input features."""
         c = self.config
+        if not c.min_rows:
+            return None
+        self.constants = graph_constants(self.module)
+        env = run_nodes(self.module, self.block.nodes, dict(zip(self.block.inputs, [x[:1].to(self.device) for x in xs])),
+                        self.constants)
+        n = len(self.target)
+        for layer, out in zip(self.layers, self.outputs):
+            features = layer.channels * int(np.prod(layer.latent.shape[2:]))
+            rows = n * int(np.prod(env[out].shape[2:]))
+            if rows < c.min_rows * features:
+                return (f"{rows} training rows (images x output positions) for {features} input features of "
+                        f"'{out}': too few to train (min_rows={c.min_rows:g}); closed-form values kept")
+        return None
+
+    def train(self, xs, xo, rng: np.random.Generator, budget: float | None, t0: float,
+              held: Callable[[], float] | None = None) -> tuple[int, int, dict]:
+        """Runs the optimisation and leaves the block at its best values: with `held` (the held-out error
+        of the current model), those of the lowest held-out error among the checks every check_every
+        steps (step 0, the values it started from, included), else the trained values if their training
+        loss is lower than at the start. Returns (steps done, indices changed by kept re-assignments, losses)."""
+        c = self.config
+        before = self.error(xs)
+        start = self.snapshot()
+        best = held() if held else before
+        losses = {"before": before}
+        if held:
+            losses["held_out_before"] = best
+        best_state, best_step, since = start, 0, 0
         groups = self._groups(xs)
         opt = torch.optim.Adam(groups)
         gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
@@ -347,7 +449,31 @@ class _BlockFit:
             opt.step()
             if c.reassign_every and step % c.reassign_every == 0 and step < c.steps:
                 reassigned += self._reassign(xs)
-        return step, reassigned
+            if held and (step % c.check_every == 0 or step == c.steps):
+                err = held()
+                self.constants = graph_constants(self.module)
+                if err < best:
+                    best, best_state, best_step, since = err, self.snapshot(), step, 0
+                else:
+                    since += 1
+                    if c.patience and since >= c.patience:
+                        break
+        trained = self.error(xs)
+        losses["trained"] = trained
+        if held:
+            if step % c.check_every and step != c.steps and step > best_step:  # stopped between checks
+                err = held()
+                if err < best:
+                    best, best_state, best_step = err, self.snapshot(), step
+            self.restore(best_state)
+            losses.update(held_out_after=best, best_step=best_step, kept=best_step > 0,
+                          after=self.error(xs) if best_step > 0 else before)
+        else:
+            kept = trained < before
+            if not kept:
+                self.restore(start)
+            losses.update(kept=kept, after=trained if kept else before)
+        return step, reassigned, losses
 
     def _reassign(self, xs, images: int = 256) -> int:
         """Indices re-picked against the original weights; kept only when the loss on `images` drops."""
