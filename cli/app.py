@@ -87,8 +87,9 @@ def default_output(model: Path) -> Path:
               help="With --data: the highest ratio whose top-1 drop (labels) or disagreement stays within POINTS "
                    "on a held-out quarter of the data.")
 @click.option("--reconstruct/--no-reconstruct", default=None,
-              help="With --data: block reconstruction after the fit (latent codebooks through sign(), per block, "
-                   "kept only if a held-out eighth of the data agrees better; needs torch) [off].")
+              help="With --data: block reconstruction after the fit (latent codebooks through sign(), per block; "
+                   "each block, and the whole result, kept only if held-out outputs get closer to the original's) "
+                   "[off: no block paid on the sample models; needs torch].")
 @click.option("--reconstruct-steps", type=click.IntRange(min=1), metavar="S",
               help="Optimisation steps a block [500].")
 @click.option("--finetune-epochs", type=click.IntRange(min=1), metavar="E",
@@ -170,7 +171,8 @@ def describe_reconstruction(record: dict) -> None:
         return
     err = record["held_out_output_error"]
     verdict = "kept" if record["kept"] else "not kept (the closed-form fit was closer)"
-    click.echo(f"block reconstruction: {record['totals']['blocks']} blocks, {record['totals']['seconds']:.0f} s; "
+    click.echo(f"block reconstruction: {record['totals']['kept']} of {record['totals']['blocks']} blocks trained "
+               f"(held out per block), {record['totals']['seconds']:.0f} s; "
                f"held-out output error {err['closed_form']:.4f} -> {err['reconstructed']:.4f}: {verdict}", err=True)
 
 

@@ -12,8 +12,14 @@ For each block b (see blocks.py), in graph order:
 Codebooks train through sign() with a straight-through estimator (layers.py); every
 `reassign_every` steps the indices may be re-picked against the original weights, kept only when
 the block loss drops. Adam with cosine decay; the learning rates of scales and biases are relative
-to their layer's magnitude, so one setting fits any model. A block whose loss on the cached images
-does not drop is put back as it was. Values go back into the compressed file by initializer name.
+to their layer's magnitude, so one setting fits any model. An eighth of the images is held out:
+every `check_every` steps the whole compressed model's output error on them is measured and the block
+keeps its best values (the closed-form ones count as step 0), so a block stays trained only if the model
+gets closer to the original on images it never trained on. The error is the model's, not the block's,
+because the closed-form fit of each later layer compensated the earlier layers' errors: a block that
+matches its own target better can still move the output away. A block whose training rows (images x
+output positions) are fewer than its layers' input features (an FC layer lifted to a 1x1 conv has one
+row an image) is not trained. Values go back into the compressed file by initializer name.
 
     model, report = reconstruct(original, compressed, {"input": x}, ReconstructConfig(steps=500))
 """
@@ -34,11 +40,11 @@ import torch
 from .. import __version__
 from ..errors import ConfigError, DataError, ModelError
 from ..load import load_model
-from .activations import Frontier, graph_constants, run_nodes
+from .activations import Frontier, run_nodes
+from .blockfit import BlockFit as _BlockFit
 from .blocks import Block, find_blocks
 from .dist import check_device
 from .graph import OnnxModule
-from .layers import StackedBinaryConv2d
 from .writeback import original_weights, set_metadata, write_back
 
 METADATA_KEY = "onnxstack.reconstruct"
@@ -63,6 +69,16 @@ class ReconstructConfig:
     when they would not fit); max_block_layers: larger cut-free regions fall back to one layer a block;
     group: merge consecutive blocks until each holds at least this many compressed convs;
     max_minutes: wall-time limit of the whole run (shared out over the blocks left; None: no limit);
+    held_out: fraction of the images (seeded; at least 8, and only with 16 or more) kept out of training:
+    every `check_every` steps each block's loss on them is measured and the best weights so far kept
+    (the closed-form weights count as step 0), so a block keeps its trained values only if they are
+    closer to the original on images it never trained on; training stops after `patience` checks
+    without a new best (0: never). held_out=0 trains on every image and judges a block by its training
+    loss (the old behaviour);
+    min_rows: a block is not trained when its training rows (images x output positions) are fewer
+    than min_rows x the input features (c_in kh kw / group) of its widest layer: the data then leave
+    directions of the input space unseen (an FC layer lifted to a 1x1 conv has one row an image);
+    0: train every block;
     device: "cpu", "cuda", "cuda:K" or "auto"; threads: torch CPU threads (None: torch's default);
     seed: minibatches and mixing masks.
     """
@@ -83,12 +99,16 @@ class ReconstructConfig:
     max_block_layers: int = 8
     group: int = 1
     max_minutes: float | None = None
+    held_out: float = 0.125
+    check_every: int = 50
+    patience: int = 4
+    min_rows: float = 1.0
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "max_images", "memory_mb", "max_block_layers", "group"):
+        for name in ("steps", "batch_size", "max_images", "memory_mb", "max_block_layers", "group", "check_every"):
             _positive_int(getattr(self, name), name)
         for name in ("lr", "latent_lr", "latent_init"):
             v = getattr(self, name)
@@ -98,6 +118,13 @@ class ReconstructConfig:
             raise ConfigError(f"reassign_every must be an integer >= 0, got {self.reassign_every!r}")
         if not isinstance(self.qdrop, (int, float)) or not 0 <= self.qdrop <= 1:
             raise ConfigError(f"qdrop must be a probability in [0, 1], got {self.qdrop!r}")
+        if not isinstance(self.held_out, (int, float)) or isinstance(self.held_out, bool) or not 0 <= self.held_out < 1:
+            raise ConfigError(f"held_out must be a fraction in [0, 1), got {self.held_out!r}")
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 0:
+            raise ConfigError(f"patience must be an integer >= 0, got {self.patience!r}")
+        if (not isinstance(self.min_rows, (int, float)) or isinstance(self.min_rows, bool) or not self.min_rows >= 0
+                or not math.isfinite(self.min_rows)):
+            raise ConfigError(f"min_rows must be a finite number >= 0, got {self.min_rows!r}")
         if self.loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("train_latent", "train_scales", "train_bias"):
@@ -171,11 +198,16 @@ class _Run:
         n_all = len(next(iter(x.values())))
         per_image = self._bytes_per_image(x)
         n = max(1, min(n_all, c.max_images, int(c.memory_mb * 2**20 // max(per_image, 1))))
-        pick = np.sort(np.random.default_rng(c.seed).choice(n_all, n, replace=False)) if n < n_all else np.arange(n)
-        batches = [{k: torch.from_numpy(np.ascontiguousarray(v[pick[i:i + CACHE_BATCH]])) for k, v in x.items()}
-                   for i in range(0, n, CACHE_BATCH)]
-        fronts = {"compressed": Frontier(self.student, batches, self.device),
-                  "original": Frontier(self.teacher, batches, self.device)}
+        rng = np.random.default_rng(c.seed)
+        pick = np.sort(rng.choice(n_all, n, replace=False)) if n < n_all else np.arange(n)
+        n_held = max(int(round(n * c.held_out)), 8) if c.held_out > 0 and n >= 16 else 0
+        order = np.random.default_rng([c.seed, 1]).permutation(n)
+        held, train = np.sort(pick[order[:n_held]]), np.sort(pick[order[n_held:]])
+        fronts = self._fronts(x, train)
+        checks = self._fronts(x, held) if n_held else None
+        self.held_batches = [{k: torch.from_numpy(np.ascontiguousarray(v[held[i:i + CACHE_BATCH]])) for k, v in x.items()}
+                             for i in range(0, n_held, CACHE_BATCH)]
+        self.held_ref = [self._outputs(self.teacher, b) for b in self.held_batches]
         records, skipped = [], []
         for b, block in enumerate(self.blocks):
             reason = self._unusable(block, fronts["original"])
@@ -184,18 +216,45 @@ class _Run:
             else:
                 left = None if c.max_minutes is None else c.max_minutes * 60 - (time.monotonic() - start)
                 budget = None if left is None else max(left, 0.0) / (len(self.blocks) - b)
-                records.append(self._block(b, block, fronts, budget))
+                record = self._block(b, block, fronts, checks, budget)
+                (skipped if "reason" in record else records).append(record)
             if progress:
                 progress(b + 1, len(self.blocks), block.name)
         seconds = time.monotonic() - start
-        totals = {"blocks": len(records), "blocks_skipped": len(skipped), "images": n, "images_given": n_all,
-                  "steps": sum(r["steps"] for r in records), "seconds": round(seconds, 2),
+        totals = {"blocks": len(records), "blocks_skipped": len(skipped), "images": len(train), "images_held_out": n_held,
+                  "images_given": n_all, "steps": sum(r["steps"] for r in records), "seconds": round(seconds, 2),
                   "kept": sum(r["kept"] for r in records), "bytes_per_image": per_image, "device": str(self.device)}
         report = {"onnxstack.version": __version__, "config": c.to_dict(), "blocks": records, "skipped": skipped,
                   "totals": totals}
         model = write_back(self.compressed_model, self.student)
         set_metadata(model, {METADATA_KEY: json.dumps({"config": c.to_dict(), "totals": totals}, sort_keys=True)})
         return model, report
+
+    @torch.no_grad()
+    def _outputs(self, module: OnnxModule, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        env = run_nodes(module, range(len(module.nodes)), {k: v.to(self.device) for k, v in batch.items()})
+        return [env[n] for n in module.output_names]
+
+    def output_error(self) -> float:
+        """The compressed model's relative squared output error on the held-out images (as
+        pipeline._output_error: per float output, sum (y - t)^2 / sum (t - mean t)^2, summed)."""
+        num: dict[int, float] = {}
+        den: dict[int, float] = {}
+        ref_all = [torch.cat([r[j] for r in self.held_ref]) for j in range(len(self.held_ref[0]))]
+        got = [self._outputs(self.student, b) for b in self.held_batches]
+        total = 0.0
+        for j, ref in enumerate(ref_all):
+            if not ref.is_floating_point():
+                continue
+            y = torch.cat([g[j] for g in got]).to(ref.device)
+            total += float((y - ref).pow(2).sum()) / max(float((ref - ref.mean()).pow(2).sum()), 1e-30)
+        return total
+
+    def _fronts(self, x: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, Frontier]:
+        batches = [{k: torch.from_numpy(np.ascontiguousarray(v[rows[i:i + CACHE_BATCH]])) for k, v in x.items()}
+                   for i in range(0, len(rows), CACHE_BATCH)]
+        return {"compressed": Frontier(self.student, batches, self.device),
+                "original": Frontier(self.teacher, batches, self.device)}
 
     def _unusable(self, block: Block, original: Frontier) -> str | None:
         missing = [v for v in (*block.inputs, block.output) if not original.has(v)]
@@ -205,29 +264,41 @@ class _Run:
 
     # --- one block ---
 
-    def _block(self, b: int, block: Block, fronts: dict[str, Frontier], budget: float | None) -> dict:
+    def _block(self, b: int, block: Block, fronts: dict[str, Frontier], checks: dict[str, Frontier] | None,
+               budget: float | None) -> dict:
         c = self.config
         t0 = time.monotonic()
-        xs = [torch.cat(v) for v in fronts["compressed"].values(block.inputs)]
+        xs, target = self._data(block, fronts)
         xo = [torch.cat(v) for v in fronts["original"].values(block.inputs)] if c.qdrop > 0 else None
+        fit = _BlockFit(self.student, block, self.weights, c, self.device, target)
+        short = fit.too_few_rows(xs)
+        if short:
+            return {"block": block.name, "layers": list(block.layers), "reason": short}
+        val = self._data(block, checks) if checks else None
+        before_val = fit.error(*val) if val else None
+        steps, reassigned, losses = fit.train(xs, xo, np.random.default_rng([c.seed, b]), budget, t0,
+                                              self.output_error if val else None)
+        kept = losses["kept"]
+        fit.done()
+        record = {"block": block.name, "kind": block.kind, "layers": list(block.layers), "nodes": len(block.nodes),
+                  "output": block.output, "images": len(target), "steps": steps, "reassigned": reassigned,
+                  "loss_before": losses["before"], "loss_after": losses["after"], "loss_trained": losses["trained"],
+                  "kept": kept, "seconds": round(time.monotonic() - t0, 2)}
+        if val:
+            record.update({"held_out_images": len(val[1]), "held_out_loss_before": before_val,
+                           "held_out_loss_after": fit.error(*val) if kept else before_val,
+                           "held_out_output_error_before": losses["held_out_before"],
+                           "held_out_output_error_after": losses["held_out_after"], "best_step": losses["best_step"]})
+        return record
+
+    def _data(self, block: Block, fronts: dict[str, Frontier]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        xs = [torch.cat(v) for v in fronts["compressed"].values(block.inputs)]
         (target,) = [torch.cat(v) for v in fronts["original"].values([block.output])]
         for name, v in zip(block.inputs, xs):
             if not v.is_floating_point() or len(v) != len(target):
                 raise ModelError(f"block {block.name}: input '{name}' (shape {tuple(v.shape)}) is not a batch of "
                                  "float activations; cannot reconstruct")
-        fit = _BlockFit(self.student, block, self.weights, c, self.device, target)
-        before = fit.error(xs)
-        snapshot = fit.snapshot()
-        steps, reassigned = fit.train(xs, xo, np.random.default_rng([c.seed, b]), budget, t0)
-        after = fit.error(xs)
-        kept = after < before
-        if not kept:
-            fit.restore(snapshot)
-        fit.done()
-        return {"block": block.name, "kind": block.kind, "layers": list(block.layers), "nodes": len(block.nodes),
-                "output": block.output, "images": len(target), "steps": steps, "reassigned": reassigned,
-                "loss_before": before, "loss_after": after if kept else before, "loss_trained": after,
-                "kept": kept, "seconds": round(time.monotonic() - t0, 2)}
+        return xs, target
 
     def _bytes_per_image(self, x: dict[str, np.ndarray]) -> int:
         """Cached bytes per image at the worst point: both models' live values and one block's data."""
@@ -242,127 +313,6 @@ class _Run:
             worst = max(worst, sum(size.get(v, 0) for v in live))
         block = max((sum(size.get(v, 0) for v in (*bl.inputs, bl.output)) for bl in self.blocks), default=0)
         return 2 * worst + 2 * block
-
-
-class _BlockFit:
-    """The trainable tensors of one block, its loss, and the optimisation loop."""
-
-    def __init__(self, module: OnnxModule, block: Block, weights: dict, config: ReconstructConfig,
-                 device: torch.device, target: torch.Tensor):
-        self.module, self.block, self.config, self.device, self.target = module, block, config, device, target
-        keys = dict.fromkeys(module.layer_names[module.nodes[p].outputs[0]] for p in block.nodes
-                             if module.nodes[p].op_type == "StackedBinaryConv")
-        self.layers: list[StackedBinaryConv2d] = [module.layers[k] for k in keys]
-        self.originals = [weights.get(module.layer_tensors[k]["codebook"]) for k in keys]
-        self.outputs = [module.nodes[p].outputs[0] for p in block.nodes if module.nodes[p].op_type == "StackedBinaryConv"]
-        self.weight = None
-        if config.loss == "channel" and target.dim() >= 2:
-            dims = [0, *range(2, target.dim())]
-            var = target.var(dims)
-            self.weight = (1.0 / (var + 1e-6 * var.mean() + 1e-12)).reshape(1, -1, *([1] * (target.dim() - 2)))
-            self.weight = (self.weight / self.weight.mean()).to(device)
-        self.t_norm = float(target.pow(2).mean()) + 1e-12
-        self.constants = graph_constants(module)
-
-    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
-        env = run_nodes(self.module, self.block.nodes, dict(zip(self.block.inputs, xs)), self.constants)
-        return env[self.block.output]
-
-    def loss(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        d = (y - t).pow(2)
-        return (d * self.weight).mean() if self.weight is not None else d.mean() / self.t_norm
-
-    @torch.no_grad()
-    def error(self, xs: list[torch.Tensor], batch: int = CACHE_BATCH) -> float:
-        """||f(x_c) - t||^2 / ||t||^2 over the cached images."""
-        self.constants = graph_constants(self.module)
-        num = den = 0.0
-        for i in range(0, len(self.target), batch):
-            t = self.target[i:i + batch].to(self.device)
-            y = self.forward([x[i:i + batch].to(self.device) for x in xs])
-            num += float((y - t).pow(2).sum())
-            den += float(t.pow(2).sum())
-        return num / max(den, 1e-30)
-
-    def snapshot(self) -> list[dict[str, torch.Tensor]]:
-        return [{k: v.detach().clone() for k, v in layer.state_dict().items()} for layer in self.layers]
-
-    def restore(self, snapshot) -> None:
-        for layer, state in zip(self.layers, snapshot):
-            layer.load_state_dict(state)
-
-    def done(self) -> None:
-        for layer in self.layers:
-            layer.requires_grad_(False)
-
-    def _groups(self, xs) -> list[dict]:
-        c = self.config
-        with torch.no_grad():  # each layer's output rms sets its bias step
-            self.constants = graph_constants(self.module)
-            env = run_nodes(self.module, self.block.nodes,
-                            dict(zip(self.block.inputs, [x[:CACHE_BATCH].to(self.device) for x in xs])), self.constants)
-        groups = []
-        for layer, original, out in zip(self.layers, self.originals, self.outputs):
-            if c.train_latent:
-                if original is not None:
-                    layer.init_latent(original, c.latent_init)
-                else:
-                    layer.latent.data.mul_(c.latent_init / layer.latent.detach().abs().mean().clamp_min(1e-12))
-                groups.append({"params": [layer.latent], "lr": c.latent_lr})
-            if c.train_scales:
-                groups.append({"params": [layer.scales], "lr": c.lr * float(layer.scales.detach().abs().mean())})
-            if c.train_bias and layer.bias is not None:
-                groups.append({"params": [layer.bias], "lr": c.lr * float(env[out].pow(2).mean().sqrt()) + 1e-12})
-        for g in groups:
-            g["base_lr"] = g["lr"]
-            for p in g["params"]:
-                p.requires_grad_(True)
-        return groups
-
-    def train(self, xs, xo, rng: np.random.Generator, budget: float | None, t0: float) -> tuple[int, int]:
-        """Runs the optimisation; returns (steps done, indices changed by kept re-assignments)."""
-        c = self.config
-        groups = self._groups(xs)
-        opt = torch.optim.Adam(groups)
-        gen = torch.Generator(device="cpu").manual_seed(int(rng.integers(2**31)))
-        n = len(self.target)
-        bs = min(c.batch_size, n)
-        reassigned, step = 0, 0
-        self.constants = graph_constants(self.module)
-        for step in range(1, c.steps + 1):
-            elapsed = time.monotonic() - t0
-            if budget is not None and elapsed >= budget:
-                step -= 1
-                break
-            progress = max((step - 1) / c.steps, elapsed / budget if budget else 0.0)
-            for g in groups:
-                g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-            idx = torch.from_numpy(rng.choice(n, bs, replace=False))
-            x = [v[idx] for v in xs]
-            if xo is not None:
-                x = [torch.where(torch.rand(v.shape, generator=gen) < c.qdrop, o[idx], v) for v, o in zip(x, xo)]
-            loss = self.loss(self.forward([v.to(self.device) for v in x]), self.target[idx].to(self.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if c.reassign_every and step % c.reassign_every == 0 and step < c.steps:
-                reassigned += self._reassign(xs)
-        return step, reassigned
-
-    def _reassign(self, xs, images: int = 256) -> int:
-        """Indices re-picked against the original weights; kept only when the loss on `images` drops."""
-        sub = [x[:images] for x in xs]
-        target, self.target = self.target, self.target[:images]
-        try:
-            before, snap = self.error(sub), self.snapshot()
-            changed = sum(l.reassign(w) for l, w in zip(self.layers, self.originals) if w is not None)
-            if changed and self.error(sub) >= before:
-                self.restore(snap)
-                changed = 0
-        finally:
-            self.target = target
-            self.constants = graph_constants(self.module)
-        return changed
 
 
 # --- helpers -------------------------------------------------------------------------------------------
