@@ -28,16 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compress_speed import PEAK, run_measured  # noqa: E402
+from compress_speed import ONNXSTACK, PEAK, run_measured  # noqa: E402
 
 TOOLS = ("onnxstack", "quantize_static")
 TARGET_TIME, TARGET_MEMORY, TARGET_GB, TARGET_IMAGES = 2.0, 1.25, 4.0, 512  # issue 13: ResNet-50
-
-ONNXSTACK = PEAK + """
-import runpy, sys
-sys.argv = ["onnxstack", *sys.argv[1:]]
-runpy.run_module("onnxstack", run_name="__main__", alter_sys=True)
-"""
 
 STATIC = PEAK + """
 import sys

@@ -95,13 +95,11 @@ class Walk:
             for name in names:
                 last[name] = i
         self._last = last
-        inits = set(self.weights)
         self._made = {name: -1 for name in feeds}  # graph inputs are made "before node 0"
         for i, node in enumerate(nodes):
             for name in node.output:
                 if name:
                     self._made[name] = i
-        self._inits = inits
         # per stream: name -> file key of each live tensor ("orig" and "work"; work aliases orig until it diverges)
         self._files: dict[str, dict[str, str]] = {"orig": {}, "work": {}}
         self._counter = 0
@@ -130,9 +128,7 @@ class Walk:
     def install(self, info: ConvInfo, plan: LayerPlan | IntPlan) -> None:
         """From now on the working stream runs this layer with the plan's decoded weight and bias."""
         if self.sequential:
-            bias = plan.bias if plan.bias is not None else None
-            self.replaced[info.node_index] = (plan.decoded_weight().astype(np.float32),
-                                              None if bias is None else np.asarray(bias, np.float32))
+            self.replaced[info.node_index] = (plan.decoded_weight(), plan.bias)
 
     # --- internals -------------------------------------------------------------------------------------------
     def _live(self, at: int) -> set[str]:
@@ -178,30 +174,19 @@ class Walk:
                 self._put(stream, t, j, value)
 
     def _segment_model(self, seg: _Segment, stream: str, replaced: dict) -> onnx.ModelProto:
-        g = self.model.graph
-        nodes = []
-        extra = []
-        for k in range(seg.start, seg.stop):
-            node = onnx.NodeProto()
-            node.CopyFrom(g.node[k])
-            if k in replaced:
-                w, b = replaced[k]
-                node.input[1] = f"__calib_w{k}"
-                extra.append(numpy_helper.from_array(w, node.input[1]))
-                if b is not None:
-                    node.input.extend([""] * (3 - len(node.input)))
-                    node.input[2] = f"__calib_b{k}"
-                    extra.append(numpy_helper.from_array(b, node.input[2]))
-            nodes.append(node)
-        reads = set().union(*(_reads(n) for n in nodes))
+        reads = set().union(*self._reads[seg.start:seg.stop])
         inits = [self.weights[r] for r in sorted(reads) if r in self.weights and r not in seg.inputs]
         probe = {t: self._get(stream, t, 0) for t in seg.inputs}
         inputs = [helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(probe[t].dtype), None)
                   for t in seg.inputs]
         outputs = [helper.make_empty_tensor_value_info(t) for t in seg.outputs]
-        graph = helper.make_graph(nodes, "segment", inputs, outputs, initializer=inits + extra)
+        graph = helper.make_graph(self.model.graph.node[seg.start:seg.stop], "segment", inputs, outputs,
+                                  initializer=inits)
         m = helper.make_model(graph, opset_imports=list(self.model.opset_import), ir_version=self.model.ir_version)
         m.functions.extend(self.model.functions)
+        for k, (w, b) in replaced.items():
+            if seg.start <= k < seg.stop:
+                install_weights(m, k - seg.start, w, b, tag=f"__calib{k}")
         return m
 
     def _stats(self, info: ConvInfo) -> LayerStats:
@@ -223,12 +208,12 @@ class Walk:
 
     # --- the spill files ------------------------------------------------------------------------------------
     def _put(self, stream: str, name: str, j: int, value: np.ndarray) -> None:
-        key = self._files[stream].get(name)
-        if j == 0 or key is None or (stream == "work" and key == self._files["orig"].get(name)):
+        if j == 0:  # a tensor's batches go to a folder of their own, made with the first
             self._counter += 1
             key = f"t{self._counter}"
             os.mkdir(os.path.join(self._dir, key))
             self._files[stream][name] = key
+        key = self._files[stream][name]
         np.save(os.path.join(self._dir, key, f"{j}.npy"), np.ascontiguousarray(value), allow_pickle=False)
 
     def _get(self, stream: str, name: str, j: int) -> np.ndarray:
@@ -242,16 +227,15 @@ class Walk:
                 shutil.rmtree(os.path.join(self._dir, key), ignore_errors=True)
 
 
-def install(work: onnx.ModelProto, info: ConvInfo, plan: LayerPlan | IntPlan) -> None:
-    """Replace the layer's weight (and bias) in a model by the decoded compressed values."""
-    node = work.graph.node[info.node_index]
-    w_hat = plan.decoded_weight()
-    wname, bname = f"{info.weight_name}__calib{info.node_index}", f"{info.weight_name}__calib_bias{info.node_index}"
-    work.graph.initializer.append(numpy_helper.from_array(w_hat.astype(np.float32), wname))
+def install_weights(model: onnx.ModelProto, node_index: int, weight: np.ndarray, bias: np.ndarray | None,
+                    tag: str) -> None:
+    """Make a Conv of the model read `weight` (and `bias`, when given) from new initializers named NAME+tag."""
+    node = model.graph.node[node_index]
+    wname = node.input[1] + tag
+    model.graph.initializer.append(numpy_helper.from_array(np.asarray(weight, np.float32), wname))
     node.input[1] = wname
-    if plan.bias is not None:
-        work.graph.initializer.append(numpy_helper.from_array(plan.bias.astype(np.float32), bname))
-        if len(node.input) > 2:
-            node.input[2] = bname
-        else:
-            node.input.append(bname)
+    if bias is not None:
+        bname = wname + "_bias"
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(bias, np.float32), bname))
+        node.input.extend([""] * (3 - len(node.input)))
+        node.input[2] = bname

@@ -154,13 +154,9 @@ def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, n
     chosen = {i.node_index: choose(i, config, calibrated=True, opset=opset) for i in todo}
     plans: dict[int, Plan] = {}
     done: dict[tuple, Plan] = {}  # (weight, settings) -> plan: layers sharing a weight share a fit
-    first = {}
-    for info in todo:
-        first.setdefault((info.weight_name, config.for_layer(info.name)), info.node_index)
 
-    def needs(info):  # only the first user of a shared fit is measured
-        key = (info.weight_name, config.for_layer(info.name))
-        return needs_data(chosen[info.node_index][0]) and first[key] == info.node_index
+    def needs(info):  # asked as the walk reaches the layer: a shared fit is measured at its first user only
+        return needs_data(chosen[info.node_index][0]) and (info.weight_name, config.for_layer(info.name)) not in done
 
     with calibrate.Walk(model, todo, feeds, config, sequential=True, needs=needs) as walk:
         for info, stats in walk:

@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .analyse import INT_MIN_OPSET, ConvInfo, analyse
-from .calibrate import Walk
+from .calibrate import Walk, install_weights
 from .config import CompressConfig, LayerOverride
 from .core import cost
 from .core.calib import LayerStats, OutputMetric, fit_output_aware, fit_output_aware_filter
@@ -160,21 +160,12 @@ def sensitivities(model: onnx.ModelProto, infos: dict[str, ConvInfo], refs: dict
         info = infos[name]
         work = onnx.ModelProto()
         work.CopyFrom(model)
-        node = work.graph.node[info.node_index]
-        node.input[1] = _add(work, f"{info.weight_name}__probe", ref["weight"])
-        bias = _add(work, f"{info.weight_name}__probe_bias", ref["bias"])
-        node.input.extend([""] * (3 - len(node.input)))
-        node.input[2] = bias
+        install_weights(work, info.node_index, ref["weight"], ref["bias"], tag="__probe")
         moved = open_session(work).run(None, part)
         err = sum(float(np.sum((a - b) ** 2) / max(np.sum((b - b.mean()) ** 2), 1e-30))
                   for a, b in zip(moved, reference) if np.issubdtype(b.dtype, np.floating))
         out[name] = err / ref["candidate"].damage
     return out
-
-
-def _add(model: onnx.ModelProto, name: str, value: np.ndarray) -> str:
-    model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-    return name
 
 
 def allocate(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict[str, Candidate]:

@@ -79,7 +79,7 @@ def test_walk_stats_equal_full_runs_of_the_working_model(sequential, monkeypatch
                 np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-3)
             plan = plan_layer(info, weights[info.weight_name], config)
             walk.install(info, plan)
-            calibrate.install(work, info, plan)
+            calibrate.install_weights(work, info.node_index, plan.decoded_weight(), plan.bias, tag="__ref")
             seen.append(info.name)
     assert seen == ["conv0", "conv1", "conv2", "conv3"]
     # one session a segment and stream (conv0's segment is empty; conv3's reads only what is already live)
