@@ -3,14 +3,16 @@
     python bench/inference_speed.py [--models resnet18 resnet50 vgg16 mobilenetv2 fashion_cnn mnist_cnn]
                                     [--threads 1 2] [--batches 1 8] [--runs 7] [--no-layers]
 
-Whole models: each model is compressed at default settings (no data) three times, with execution
-"auto" (the cost model's choice per layer, the default), "dense" and "stacked" (every layer that
-can be); the fit is deterministic, so the three differ only in how the layers run. For each thread
-count and batch size the four sessions take turns, one run each a round (the order rotates), for
+Whole models: each model is compressed at default settings (no data) four times, with execution
+"auto" (the cost model's choice per layer, the default), "dense", "lean" and "stacked" (every layer
+that can be); the fit is deterministic, so the four differ only in how the layers run. For each thread
+count and batch size the five sessions take turns, one run each a round (the order rotates), for
 at least `--runs` rounds and `--min-seconds` of each; the median latency is reported, and each
 variant's ratio to the original as the median over rounds of its time over the original's in the
 same round (robust to load from other processes that drifts during the run). The MACs the cost model predicts (core/cost.py, per layer,
 times output pixels; other layers' MACs added alike) are reported beside, as ratios to the original.
+Memory: what a session of each variant takes, created with default options and run once at batch 1,
+in a fresh process (onnxstack.runtime.session_memory, the figure `onnxstack evaluate` reports).
 
 Layers (the cost-model check): every distinct eligible Conv geometry of the models, and a sweep
 of codebook sizes m over a few typical geometries, run as one-Conv models in the dense and stacked
@@ -46,8 +48,9 @@ import onnxstack  # noqa: E402
 from onnxstack.analyse import analyse, layer_name  # noqa: E402
 from onnxstack.api import open_session  # noqa: E402
 from onnxstack.core import cost  # noqa: E402
+from onnxstack.runtime import session_memory  # noqa: E402
 
-FORMS = {"default": "auto", "dense": "dense", "stacked": "stacked"}
+FORMS = {"default": "auto", "dense": "dense", "lean": "lean", "stacked": "stacked"}
 VARIANTS = ("original", *FORMS)
 SWEEP_GEOMETRIES = [  # (N, C, k, stride, H): typical ResNet / VGG layers
     (64, 64, 3, 1, 56), (128, 128, 3, 1, 28), (256, 256, 3, 1, 14), (512, 512, 3, 1, 7), (512, 512, 3, 1, 14),
@@ -182,6 +185,10 @@ def bench_model(name: str, args) -> dict | None:
     entry["predicted_mac_ratio"] = {k: v / base_macs for k, v in entry["predicted_macs"].items()}
     entry["optimized_ops"] = {label: optimized_ops(variants[label]) for label in ("original", "default")}
     entry["default_runs_original_kernels"] = entry["optimized_ops"]["original"] == entry["optimized_ops"]["default"]
+    one = random_feeds(original, 1)
+    entry["memory_bytes"] = {label: session_memory(model, one) for label, model in variants.items()}
+    print(f"  {name} session memory: " + ", ".join(f"{label} {v / 2**20:.0f} MB" for label, v in
+                                                    entry["memory_bytes"].items() if v), flush=True)
     entry["latency"] = {}
     for threads in args.threads:
         sessions, session_s = {}, {}
@@ -203,6 +210,7 @@ def bench_model(name: str, args) -> dict | None:
                 "ratio_of_medians": {label: s["median_ms"] / base for label, s in stats.items()},
                 "times_ms": {label: [round(1e3 * x, 3) for x in t] for label, t in times.items()},
                 "dense_vs_stacked_max_abs_diff": float(np.abs(outputs["dense"] - outputs["stacked"]).max()) / scale,
+                "dense_vs_lean_max_abs_diff": float(np.abs(outputs["dense"] - outputs["lean"]).max()) / scale,
             }
             print(f"  {name} {key}: " + ", ".join(f"{label} {s['median_ms']:.1f} ms "
                                                    f"({entry['latency'][key]['ratio'][label]:.2f}x)"
@@ -306,19 +314,31 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
              "ratio to the original by the cost model. 'Original kernels': onnxruntime's optimised graph of the "
              "default model has the same nodes as the original's (every layer dense: the decoded weight is "
              "constant-folded at session start), so any latency difference there is measurement noise.", "",
-             "| model | threads | batch | original ms | default | dense | stacked | predicted default / stacked | "
+             "| model | threads | batch | original ms | default | dense | lean | stacked | predicted default / stacked | "
              "layers stacked by default | default runs the original's kernels |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, e in results.items():
         p = e["predicted_mac_ratio"]
         for key, lat in e["latency"].items():
             r = lat["ratio"]
             forms = e["forms"]["default"]
             lines.append(f"| {name} | {lat['threads']} | {lat['batch']} | {_ms(lat['stats']['original']['median_ms'])} | "
-                         f"{r['default']:.2f}x | {r['dense']:.2f}x | {r['stacked']:.2f}x | "
+                         f"{r['default']:.2f}x | {r['dense']:.2f}x | {r['lean']:.2f}x | {r['stacked']:.2f}x | "
                          f"{p['default']:.2f}x / {p['stacked']:.2f}x | "
                          f"{forms['layers_stacked']} of {forms['layers_stacked'] + forms['layers_dense']} | "
                          f"{'yes' if e.get('default_runs_original_kernels') else 'no'} |")
+    lines += ["", "Session memory (MB: a session created with default options and run once at batch 1, in a fresh "
+              "process; peak resident memory over the process's after importing onnxruntime) and its ratio to the "
+              "original's. 'dense' folds the decode into float weights at session start (the original's speed); "
+              "'lean' decodes at every run and never holds a float weight (see the latency table for its cost).", "",
+              "| model | original MB | " + " | ".join(FORMS) + " |", "|---|---:|" + "---:|" * len(FORMS)]
+    for name, e in results.items():
+        mem = e.get("memory_bytes") or {}
+        base = mem.get("original")
+        if not base:
+            continue
+        cells = [f"{mem[f] / 2**20:.0f} ({mem[f] / base:.2f}x)" if mem.get(f) else "-" for f in FORMS]
+        lines.append(f"| {name} | {base / 2**20:.0f} | " + " | ".join(cells) + " |")
     if layers:
         all_rows = layers["model_layers"] + layers["sweep"]
         picked = [r for r in all_rows if r["cost_model_picks"] == "stacked"]
@@ -334,7 +354,9 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
                   f"measured / predicted: median {np.median(errors):.2f}, range {min(errors):.2f}-{max(errors):.2f}). "
                   f"The cost model picks stacked (predicted speed-up over {MARGIN:g}) for {len(picked)} points; stacked is "
                   f"faster in {len(picked) - len(wrong)} of them. Dense is picked but stacked is more than {MARGIN:g}x "
-                  f"faster at {len(missed)} points.", ""]
+                  f"faster at {len(missed)} points."
+                  + (f" (Measured at {layers['measured_at']}, an earlier run than the tables above.)"
+                     if layers.get("measured_at") else ""), ""]
         shown = [r for r in all_rows if r["cost_model_picks"] == "stacked" or r in missed
                  or r in layers["model_layers"] and r["measured_speedup"] > 0.8]
         if shown:
@@ -345,6 +367,21 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
                 lines.append(f"| {r['geometry']} | {r['m']} | {r['predicted_speedup']:.2f}x | "
                              f"{r['measured_speedup']:.2f}x{flag} | {r['cost_model_picks']} |")
     return "\n".join(lines)
+
+
+def previous_layers() -> dict | None:
+    """The cost-model check of the last run that made one (it times one-Conv models in the dense and stacked
+    forms only), marked with that run's commit."""
+    import json
+
+    path = RESULTS / "inference_speed.json"
+    if not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    layers = old.get("layers")
+    if layers:
+        layers.setdefault("measured_at", (old.get("measured_at") or {}).get("commit") or "an unstamped earlier run")
+    return layers
 
 
 def plot(results: dict, layers: dict | None) -> None:
@@ -375,7 +412,8 @@ def main():
     ap.add_argument("--runs", type=int, default=9, help="rounds of timed runs at least")
     ap.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds of each variant at least")
     ap.add_argument("--layer-runs", type=int, default=15, help="rounds of timed runs a one-Conv point")
-    ap.add_argument("--no-layers", action="store_true", help="skip the per-layer cost-model check")
+    ap.add_argument("--no-layers", action="store_true",
+                    help="skip the per-layer cost-model check (its previous results are kept, marked with their commit)")
     args = ap.parse_args()
     env = environment()
     env["cpus"] = os.cpu_count()
@@ -385,7 +423,7 @@ def main():
         entry = bench_model(name, args)
         if entry is not None:
             results[name] = entry
-    layers = None if args.no_layers else bench_layers(list(results), args)
+    layers = previous_layers() if args.no_layers else bench_layers(list(results), args)
     meta["load_after"] = os.getloadavg()
     md = markdown(results, layers, meta)
     write_results("inference_speed", {**meta, "results": results, "layers": layers}, md)

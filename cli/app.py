@@ -61,8 +61,11 @@ def default_output(model: Path) -> Path:
               help="One float16 scale per slice or per filter.")
 @click.option("-k", "--terms", type=int, default=1, show_default=True,
               help="Codewords stacked per slice (1: the paper's form; 2 halves the error for 2x index bits).")
-@click.option("--execution", type=click.Choice(["auto", "dense", "stacked"]), default="auto", show_default=True,
-              help="How compressed layers run: cost model, decode+Conv, or binary Conv+sparse merge.")
+@click.option("--execution", type=click.Choice(["auto", "dense", "lean", "stacked"]), default="auto",
+              show_default=True,
+              help="How compressed layers run: auto (the faster of dense and stacked per layer), dense (weights "
+                   "decoded once when the session starts: the original's speed), lean (decoded at every run: "
+                   "the least memory, slower), stacked (binary Conv + sparse merge).")
 @click.option("--skip", multiple=True, metavar="NODE", help="Conv node name to leave dense (repeatable).")
 @click.option("--rest", type=click.Choice(["float", "int8"]), default="float", show_default=True,
               help="What compression leaves float (layers kept dense or skipped, depthwise convs, Gemm/MatMul "

@@ -37,14 +37,16 @@ from .options import image_options, make_image_options
                    "segmentation: PSNR), or detections (N, anchors, 5+classes: detections kept) [auto: its shape].")
 @click.option("--det-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=DET_THRESHOLD,
               show_default=True, help="Detections: objectness x class probability above which an anchor counts.")
+@click.option("--memory/--no-memory", default=True, show_default=True,
+              help="Measure the memory a session of each model takes (created and run once, in a fresh process).")
 @image_options
 @click.option("--overwrite", is_flag=True, help="Replace an existing JSON file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; one summary line instead of the table.")
 @handle_errors
 def evaluate(original, compressed, data_path, json_path, batch_size, limit, seed, threads, latency_runs, task,
-             det_threshold, image_size,
+             det_threshold, memory, image_size,
              channels, pixel_scale, mean, std, layout, overwrite, quiet):
-    """Run ORIGINAL (and COMPRESSED) on the data; compare accuracy, outputs, layer SNR, size and latency."""
+    """Run ORIGINAL (and COMPRESSED) on the data; compare accuracy, outputs, layer SNR, size, latency and memory."""
     options = make_image_options(image_size, channels, pixel_scale, mean, std, layout)
     if json_path is not None:
         for source in (original, compressed, data_path):
@@ -60,7 +62,8 @@ def evaluate(original, compressed, data_path, json_path, batch_size, limit, seed
             bar[0].update(n)
 
         result = run_evaluation(original, compressed, data, batch_size=batch_size, latency_runs=latency_runs,
-                                threads=threads, progress=progress, task=task, det_threshold=det_threshold)
+                                threads=threads, progress=progress, task=task, det_threshold=det_threshold,
+                                memory=memory)
     if json_path is not None:
         write_bytes_atomic(json.dumps(result, indent=2).encode(), json_path)
     if quiet:

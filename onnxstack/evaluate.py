@@ -13,7 +13,9 @@ For detectors and dense-output models (image-to-image, segmentation) the first o
 way their users read it (tasks.py: PSNR, detections kept); `task` picks the kind when the shape cannot tell.
 
 Latency is the median of `latency_runs` timed runs of the first batch after 3 warm-up runs, on
-sessions of the unmodified models (extra probe outputs would block onnxruntime's fusions).
+sessions of the unmodified models (extra probe outputs would block onnxruntime's fusions). Memory
+(memory_bytes_original / _compressed) is what a session of each unmodified model takes, created with
+default options and run once on the first batch, in a fresh process (runtime.session_memory).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 import onnx
 
 from . import op
-from .runtime import open_session, with_outputs
+from .runtime import open_session, session_memory, with_outputs
 from .tasks import DET_THRESHOLD, TASKS, resolve_task, task_result, totals_for
 from .data import Dataset, model_inputs
 from .errors import ConfigError, DataError, ModelError, one_line
@@ -62,10 +64,11 @@ class _Totals:
 def evaluate(original, compressed=None, data: Dataset | None = None, *, batch_size: int = 64,
              latency_runs: int = 20, threads: int | None = None,
              progress: Callable[[int], None] | None = None, task: str = "auto",
-             det_threshold: float = DET_THRESHOLD) -> dict:
+             det_threshold: float = DET_THRESHOLD, memory: bool = True) -> dict:
     """Accuracy, output agreement, per-layer SNR, sizes and latency of `original` and, if given,
     `compressed` (paths or ModelProtos) on `data`, plus the metrics of the task ("auto": told from the
-    original's first output; "classify", "dense", "detect"; see tasks.py). Returns a JSON-ready dict."""
+    original's first output; "classify", "dense", "detect"; see tasks.py). memory=False skips the session
+    memory measurement (two child processes). Returns a JSON-ready dict."""
     if not isinstance(data, Dataset):
         raise TypeError(f"evaluate() needs data=Dataset (from onnxstack.data.load_data), got {type(data).__name__}")
     _check_options(batch_size, latency_runs, threads, task, det_threshold)
@@ -100,7 +103,9 @@ def evaluate(original, compressed=None, data: Dataset | None = None, *, batch_si
     if probed:  # time the unmodified models
         sessions = [open_session(m, threads=threads) for m in models]
     latency = [_latency(s, first, latency_runs) for s in sessions]
-    result = _result(totals, layers, probed, models, [original, compressed][:len(models)], latency,
+    del sessions
+    mem = [session_memory(m, first, threads=threads) if memory else None for m in models]
+    result = _result(totals, layers, probed, models, [original, compressed][:len(models)], latency, mem,
                      batch_size, threads, data.labels is not None)
     return {**result, **task_result(kind, per_task, len(models) == 2)}
 
@@ -122,6 +127,8 @@ def format_evaluation(result: dict) -> str:
          _times(1 / ratio if ratio else None, "faster", "slower")],
         ["file size (bytes)", str(result["original_bytes"]), _num(result["compressed_bytes"], "d"),
          _times(result.get("file_ratio"), "smaller", "larger")],
+        ["session memory (MB)", _mb(result.get("memory_bytes_original")), _mb(result.get("memory_bytes_compressed")),
+         _times(1 / result["memory_ratio"] if result.get("memory_ratio") else None, "less", "more")],
         ["conv weights", "", "", _times(result.get("conv_ratio"), "smaller", "larger")],
     ]
     rows[3:3] = _task_rows(result)
@@ -297,13 +304,15 @@ def _ratio_db(ref: float, err: float) -> float:
 
 
 def _result(t: _Totals, layers: list[dict], probed: list[str], models: list[onnx.ModelProto], sources: list,
-            latency: list[float | None], batch_size: int, threads: int | None, labelled: bool) -> dict:
+            latency: list[float | None], memory: list[int | None], batch_size: int, threads: int | None,
+            labelled: bool) -> dict:
     two = len(models) == 2
     acc = labelled and t.classes is not None
     top5 = acc and t.classes >= 5
     snr = {name: _ratio_db(r, e) for name, r, e in zip(probed, t.layer_ref, t.layer_err)}
     sizes = [_size(m, s) for m, s in zip(models, sources)] + [None] * (2 - len(models))
     latency = latency + [None] * (2 - len(latency))
+    memory = memory + [None] * (2 - len(memory))
     return {
         "accuracy_original": t.top1[0] / t.samples if acc else None,
         "accuracy_compressed": t.top1[1] / t.samples if acc and two else None,
@@ -322,6 +331,9 @@ def _result(t: _Totals, layers: list[dict], probed: list[str], models: list[onnx
         "latency_ms_original": latency[0],
         "latency_ms_compressed": latency[1],
         "latency_ratio": latency[1] / latency[0] if latency[0] and latency[1] is not None else None,
+        "memory_bytes_original": memory[0],
+        "memory_bytes_compressed": memory[1],
+        "memory_ratio": memory[1] / memory[0] if memory[0] and memory[1] is not None else None,
         "samples": t.samples,
         "batch_size": batch_size,
         "threads": threads,
@@ -350,6 +362,10 @@ def _pct(v) -> str:
 
 def _num(v, fmt: str) -> str:
     return "" if v is None else format(v, fmt)
+
+
+def _mb(v: int | None) -> str:
+    return "" if v is None else f"{v / 2**20:.1f}"
 
 
 def _times(factor: float | None, better: str, worse: str) -> str:

@@ -20,9 +20,19 @@ Attributes
 Implementations that tests prove agree:
   - `stacked_binary_conv`: numpy, the specification (and `StackedBinaryConvRef`, its OpRun
     adapter for onnx.reference.ReferenceEvaluator);
-  - `make_function(form, opset)`: the model-local ONNX function that stock onnxruntime runs, in
-    two overloads: "dense" (decode W_hat, one Conv) and "stacked" (a Conv of the d-channel groups
-    with the codebook, then a 1x1 Conv with the sparse (N, s*m) merge matrix; group must be 1);
+  - `make_function(overload, opset)`: the model-local ONNX function that stock onnxruntime runs, one
+    overload a form (the decoding forms have a second one, "<form>.padded", with a Slice that cuts the
+    last slice's padding; a node calls it only where channels % d != 0, since onnxruntime folds the Slice
+    into one more copy of the weight):
+      "dense": decode W_hat, one Conv. onnxruntime constant-folds the decode once, at session start,
+        into a float weight, so it runs as fast as the original; the body keeps the folded chain to three
+        weight-sized tensors (Gather of codeword rows, the scaled sum of the terms, the 4-D reshape), as
+        each one is held while the session folds (bench/inference_speed.py measures the session memory);
+      "lean": the same decode, made to depend on X's values (an int64 zero from one element of X) so
+        that nothing weight-sized is folded: the weight is decoded at every run and freed after its Conv,
+        and the session holds only the packed tensors (less memory than the original, slower);
+      "stacked": a Conv of the d-channel groups with the codebook, then a 1x1 Conv with the sparse
+        (N, s*m) merge matrix; group must be 1;
   - the torch module of the fine-tuning bridge.
 """
 
@@ -40,7 +50,9 @@ from .core.fit import decode
 DOMAIN = "com.onnxstack"
 OP_TYPE = "StackedBinaryConv"
 VERSION = 1
-FORMS = ("dense", "stacked")
+FORMS = ("dense", "lean", "stacked")
+PADDED = ".padded"  # overload suffix of the decoding forms where the last slice is padded (channels % d != 0)
+OVERLOADS = ("dense", "dense" + PADDED, "lean", "lean" + PADDED, "stacked")
 INPUTS = ["X", "codebook", "indices", "scales", "B"]
 CONV_ATTRS = {
     "auto_pad": onnx.AttributeProto.STRING,
@@ -102,15 +114,28 @@ class StackedBinaryConvRef(OpRun):
 StackedBinaryConvRef.__name__ = OP_TYPE  # OpRun classes are looked up by op_type
 
 
-def make_node(inputs: list[str], output: str, name: str, form: str, channels: int, conv_attrs: dict) -> onnx.NodeProto:
-    """A StackedBinaryConv node calling the `form` overload of the function, every attribute the function
-    reads set (see node_attributes)."""
+def overload(form: str, channels: int, slice_dim: int | None) -> str:
+    """The function overload a node of `form` calls: the decoding forms cut the padded weight to `channels`
+    with a Slice, which costs a folded copy of the weight; where nothing is padded they call the overload
+    without it (slice_dim None: unknown, the padded one, right for every layer)."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    padded = slice_dim is None or channels % slice_dim != 0
+    return form + PADDED if form != "stacked" and padded else form
+
+
+def form_of(overload_name: str) -> str:
+    return overload_name.removesuffix(PADDED)
+
+
+def make_node(inputs: list[str], output: str, name: str, form: str, channels: int, conv_attrs: dict,
+              slice_dim: int | None = None) -> onnx.NodeProto:
+    """A StackedBinaryConv node calling the `form` overload of the function (see `overload`), every attribute
+    the function reads set (see node_attributes)."""
     inputs = list(inputs) + [""] * (len(INPUTS) - len(inputs))  # no bias: B named "" (omitted), not left off
     node = helper.make_node(OP_TYPE, inputs, [output], name=name, domain=DOMAIN,
                             **node_attributes(channels, conv_attrs))
-    node.overload = form
+    node.overload = overload(form, channels, slice_dim)
     return node
 
 
@@ -145,35 +170,40 @@ def node_attributes(channels: int, conv_attrs: dict) -> dict:
     return out
 
 
-def make_function(form: str, opset: int) -> onnx.FunctionProto:
-    """The model-local function of one overload, its body in standard ops of `opset` (>= 12)."""
+def make_function(name: str, opset: int) -> onnx.FunctionProto:
+    """The model-local function of one overload (a form, or a decoding form + PADDED), its body in standard
+    ops of `opset` (>= 12)."""
     if opset < MIN_OPSET:
         raise ValueError(f"StackedBinaryConv needs opset >= {MIN_OPSET}, got {opset}")
+    if name not in OVERLOADS:
+        raise ValueError(f"overload must be one of {OVERLOADS}, got {name!r}")
     b = _Body()
     W4 = _decode_codebook(b)  # (M', d, kh, kw) float
+    form, padded = form_of(name), name.endswith(PADDED)
     if form == "dense":
-        _dense(b, W4)
-    elif form == "stacked":
-        _stacked(b, W4)
+        _dense(b, W4, padded)
+    elif form == "lean":
+        _lean(b, W4, opset, padded)
     else:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        _stacked(b, W4)
     fn = helper.make_function(
         DOMAIN, OP_TYPE, INPUTS, ["Y"], b.nodes, [helper.make_opsetid("", opset)],
         attributes=list(FUNCTION_ATTRS),
     )
-    fn.overload = form
-    fn.doc_string = f"StackedBinaryConv v{VERSION}, {form} form (see onnxstack.op)."
+    fn.overload = name
+    fn.doc_string = f"StackedBinaryConv v{VERSION}, {name} form (see onnxstack.op)."
     return fn
 
 
 class _Body:
     """Collects function-body nodes with short unique names."""
 
-    def __init__(self):
+    def __init__(self, prefix: str = "t"):
         self.nodes: list[onnx.NodeProto] = []
+        self.prefix = prefix
 
     def op(self, op_type, inputs, out=None, **attrs):
-        out = out or f"t{len(self.nodes)}"
+        out = out or f"{self.prefix}{len(self.nodes)}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
         return out
 
@@ -220,14 +250,59 @@ def _terms(b: _Body):
     return idx, sc
 
 
-def _dense(b: _Body, W4: str) -> None:
-    idx, sc = _terms(b)
-    picked = b.op("Reshape", [b.op("Gather", [W4, idx], axis=0), b.const([0, 0, 0, -1])])  # (N, s, k, D)
-    summed = b.op("MatMul", [sc, picked])  # (N, s, 1, D): the scaled sum of the terms
-    kernel = b.part(b.op("Shape", [W4]), 2, 4)
-    padded = b.op("Reshape", [summed, b.op("Concat", [b.const([0, -1]), kernel], axis=0)])  # (N, s*d, kh, kw)
-    weight = b.op("Slice", [padded, b.const([0]), _channels(b), b.const([1])])
+def _table(b: _Body, W4: str) -> tuple[str, str]:
+    """The codewords as rows (M', d*kh*kw), and the 1-D kernel shape [kh, kw]."""
+    w_shape = b.op("Shape", [W4])
+    table = b.op("Reshape", [W4, b.op("Concat", [b.part(w_shape, 0, 1), b.const([-1])], axis=0)])
+    return table, b.part(w_shape, 2, 4)
+
+
+def _conv(b: _Body, flat: str, kernel: str, padded: bool) -> None:
+    """Y = Conv(X, W) with W the (N, s, d*kh*kw) decoded slices reshaped, and cut to `channels` if padded."""
+    weight = b.op("Reshape", [flat, b.op("Concat", [b.const([0, -1]), kernel], axis=0)])  # (N, s*d, kh, kw)
+    if padded:
+        weight = b.op("Slice", [weight, b.const([0]), _channels(b), b.const([1])])
     b.ref("Conv", ["X", weight, "B"], [a for a in FUNCTION_ATTRS if a != "channels"], out="Y")
+
+
+def _dense(b: _Body, W4: str, padded: bool) -> None:
+    table, kernel = _table(b, W4)
+    idx, sc = _terms(b)
+    picked = b.op("Gather", [table, idx], axis=0)  # (N, s, k, D)
+    summed = b.op("MatMul", [sc, picked])  # (N, s, 1, D): the scaled sum of the terms
+    _conv(b, summed, kernel, padded)
+
+
+def _lean(b: _Body, W4: str, opset: int, padded: bool) -> None:
+    """Decode at run time. One stored term a slice (rank-2 indices, the default) is a Gather and a Mul;
+    k terms add a ReduceSum (onnxruntime's is slow on the middle axis); an If on the rank of `indices`
+    picks the branch."""
+    table, kernel = _table(b, W4)
+    one = b.op("Slice", ["X", b.const([0, 0, 0, 0]), b.const([1, 1, 1, 1])])  # X's first value
+    zero = b.op("Cast", [b.op("Less", [one, one])], to=TensorProto.INT64)  # 0, known only at run time
+    idx = b.op("Add", [b.op("Cast", ["indices"], to=TensorProto.INT64), b.op("Reshape", [zero, b.const([1, 1])])])
+    sc = b.op("Expand", [b.op("Cast", ["scales"], to=TensorProto.FLOAT), b.op("Shape", [idx])])  # idx's shape
+    rank = b.op("Size", [b.op("Shape", ["indices"])])
+    single = b.op("Equal", [rank, b.const(2)])
+
+    def branch(name: str, terms: int) -> onnx.GraphProto:
+        """terms=1: (N, s) indices -> Gather, Mul; else (N, s, k) -> Gather, Mul, ReduceSum. The shapes are
+        written so that either branch type-checks for either rank (shape inference visits both)."""
+        sub = _Body(prefix=f"{name}_")
+        if terms == 1:
+            picked = sub.op("Gather", [table, sub.op("Reshape", [idx, sub.const([0, -1])])], axis=0)  # (N, s, D)
+            return _graph(sub, name, sub.op("Mul", [picked, sub.op("Reshape", [sc, sub.const([0, -1, 1])])]))
+        picked = sub.op("Gather", [table, sub.op("Reshape", [idx, sub.const([0, 0, -1])])], axis=0)  # (N, s, k, D)
+        scaled = sub.op("Mul", [picked, sub.op("Reshape", [sc, sub.const([0, 0, -1, 1])])])
+        return _graph(sub, name, sub.op("ReduceSum", [scaled, sub.const([2])], keepdims=0) if opset >= 13
+                      else sub.op("ReduceSum", [scaled], axes=[2], keepdims=0))
+
+    flat = b.op("If", [single], then_branch=branch("one", 1), else_branch=branch("many", 2))
+    _conv(b, flat, kernel, padded)
+
+
+def _graph(b: _Body, name: str, out: str) -> onnx.GraphProto:
+    return helper.make_graph(b.nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
 
 
 def _stacked(b: _Body, W4: str) -> None:

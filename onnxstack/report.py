@@ -190,7 +190,7 @@ def compressed_summary(model) -> dict | None:
         book, idx = tensors.get(n.input[1]), tensors.get(n.input[2])
         stored = [tensors[name] for name in n.input[1:] if name in tensors]
         layers.append({
-            "name": n.name, "form": n.overload or "?",
+            "name": n.name, "form": op.form_of(n.overload) if n.overload else "?",
             "channels": attrs["channels"].i if "channels" in attrs else None,
             "filters": int(idx.dims[0]) if idx is not None and idx.dims else None,
             "slice_dim": int(book.dims[1]) if book is not None and len(book.dims) == 4 else None,

@@ -120,12 +120,13 @@ def rewrite(model: onnx.ModelProto, layers: list[tuple[ConvInfo, LayerPlan | Int
             inputs.append(names["bias"])
         elif info.bias_name:
             inputs.append(info.bias_name)
-        new = op.make_node(inputs, node.output[0], node.name, plan.execution, plan.shape[1], info.attrs)
+        new = op.make_node(inputs, node.output[0], node.name, plan.execution, plan.shape[1], info.attrs,
+                           slice_dim=plan.slice_dim)
         graph.node[info.node_index].CopyFrom(new)
     if before:
         replace_nodes(graph, [n for i, node in enumerate(graph.node) for n in (*before.get(i, ()), node)])
     _drop_unused_initializers(graph, {p.weight_name for _, p in layers} | {i.bias_name for i, _ in layers if i.bias_name})
-    forms = sorted({p.execution for _, p in layers if isinstance(p, LayerPlan)})
+    forms = sorted({n.overload for n in graph.node if n.domain == op.DOMAIN and n.op_type == op.OP_TYPE})
     del out.functions[:]
     out.functions.extend([f for f in model.functions if f.domain != op.DOMAIN])
     out.functions.extend(op.make_function(form, opset) for form in forms)

@@ -1,12 +1,18 @@
 """Running models in onnxruntime: the one place that opens sessions, adds outputs and makes inputs.
 
     session = open_session(model)                       # original or compressed, nothing else needed
+    session_memory(model, feeds)                         # bytes a session takes, in a fresh process
     for batch in run_batches(model, ["conv1_out"], feeds):   # intermediate values, batch by batch
         ...
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +44,55 @@ def open_session(model_or_path, *, threads: int | None = None, providers: list[s
         return ort.InferenceSession(source, opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ModelError(f"onnxruntime cannot load the model: {one_line(e)}") from None
+
+
+_MEMORY_CHILD = r"""
+import json, sys
+import numpy as np
+import onnxruntime as ort
+
+
+def peak():  # this process's peak resident bytes (VmHWM: per address space, so not the parent's, as ru_maxrss is)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+model, feeds_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+feeds = dict(np.load(feeds_path))
+base = peak()
+opts = ort.SessionOptions()
+opts.log_severity_level = 3
+if threads:
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+session.run(None, feeds)
+print(json.dumps(peak() - base))
+"""
+
+
+def session_memory(model_or_path, feeds: dict[str, np.ndarray], *, threads: int | None = None,
+                   timeout: float = 600) -> int | None:
+    """Bytes an onnxruntime session of the model takes: created with default options and run once on
+    `feeds`, in a fresh process, as the rise of its peak resident memory (/proc/self/status VmHWM) over
+    what the process held after importing onnxruntime and numpy and loading the feeds. None off Linux or
+    where the child fails."""
+    if not sys.platform.startswith("linux"):
+        return None
+    with tempfile.TemporaryDirectory(prefix="onnxstack-mem-") as tmp:
+        if isinstance(model_or_path, onnx.ModelProto):
+            path = os.path.join(tmp, "model.onnx")
+            with open(path, "wb") as f:
+                f.write(model_or_path.SerializeToString())
+        else:
+            path = str(model_or_path)
+        feeds_path = os.path.join(tmp, "feeds.npz")
+        np.savez(feeds_path, **feeds)
+        try:
+            out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, path, feeds_path, str(threads or 0)],
+                                 capture_output=True, text=True, timeout=timeout, check=True)
+            return int(json.loads(out.stdout.strip().splitlines()[-1]))
+        except (subprocess.SubprocessError, ValueError, IndexError):
+            return None
 
 
 def with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:

@@ -22,6 +22,7 @@ from .models import conv_model, run_ort
 KEYS = {"accuracy_original", "accuracy_compressed", "top5_original", "top5_compressed", "top1_agreement",
         "output_max_abs", "output_rel_l2", "output_cosine", "layers", "original_bytes", "compressed_bytes",
         "file_ratio", "conv_ratio", "latency_ms_original", "latency_ms_compressed", "latency_ratio", "samples",
+        "memory_bytes_original", "memory_bytes_compressed", "memory_ratio",
         "batch_size", "threads", "task", "psnr_db", "output_rel_mse", "mask_agreement", "pixel_class_agreement",
         "detections_original", "detections_compressed", "detections_kept", "detections_kept_same_anchor",
         "detections_extra", "det_threshold", "det_iou"}
@@ -81,11 +82,13 @@ def test_original_against_compressed(models, data):
     assert all(math.isfinite(e["snr_db"]) for e in result["layers"])
     assert result["compressed_bytes"] == models[1].ByteSize() and result["file_ratio"] > 0
     assert result["latency_ms_original"] > 0 and result["latency_ratio"] > 0
+    assert result["memory_bytes_original"] > 0 and result["memory_bytes_compressed"] > 0
+    assert result["memory_ratio"] == pytest.approx(result["memory_bytes_compressed"] / result["memory_bytes_original"])
     stored = json.loads({p.key: p.value for p in models[1].metadata_props}["onnxstack.report"])
     assert result["conv_ratio"] == pytest.approx(stored["conv_bits_original"] / stored["conv_bits_compressed"])
     assert result["conv_ratio"] > 4  # d=4 and up on these layers
     text = format_evaluation(result)
-    assert "top-1 accuracy" in text and "compressed" in text and "conv2" in text
+    assert "top-1 accuracy" in text and "compressed" in text and "conv2" in text and "session memory (MB)" in text
 
 
 def test_snr_matches_a_direct_computation(models, data):
@@ -98,9 +101,10 @@ def test_snr_matches_a_direct_computation(models, data):
     x = data.arrays()[0]
     ref, out = run_ort(layer_out, x)[1].astype(np.float64), run_ort(compressed_out, x)[1].astype(np.float64)
     want = 10 * np.log10(np.sum(ref ** 2) / np.sum((ref - out) ** 2))
-    result = evaluate(*models, data, batch_size=10, latency_runs=0)
+    result = evaluate(*models, data, batch_size=10, latency_runs=0, memory=False)
     assert result["layers"][0]["snr_db"] == pytest.approx(want, rel=1e-6)
     assert result["latency_ms_original"] is None and result["latency_ratio"] is None
+    assert result["memory_bytes_original"] is None and result["memory_ratio"] is None
 
 
 def test_model_against_itself(models, data):

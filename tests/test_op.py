@@ -36,13 +36,13 @@ def op_model(N, C, k, d, m, *, form, opset=17, bias=True, per_filter=False, term
     if bias:
         t["bias"] = rng.standard_normal(N).astype(np.float32)
     conv_attrs = {"kernel_shape": [kh, kw], "group": group, **attrs}
-    node = op.make_node(["x", *t], "y", "sbc", form, cg, conv_attrs)
+    node = op.make_node(["x", *t], "y", "sbc", form, cg, conv_attrs, slice_dim=d)
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", C, *hw])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", N, "h", "w"])],
         initializer=[numpy_helper.from_array(v, k_) for k_, v in t.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(op.DOMAIN, 1)],
-                              functions=[op.make_function(form, opset)], ir_version=10)
+                              functions=[op.make_function(node.overload, opset)], ir_version=10)
     onnx.checker.check_model(model, full_check=True)
     return model, t, conv_attrs, cg
 

@@ -11,7 +11,7 @@ not stored):
   scales    32 * N                     (float32, which DequantizeLinear takes at every opset >= 13)
   bias      32 * N when present
 MACs per output pixel:
-  dense     N * Cg * kh * kw                         (same as the original Conv)
+  dense     N * Cg * kh * kw                         (same as the original Conv; lean too)
   stacked   s * M' * d * kh * kw  +  N * s * M'       (M' = 8 * ceil(m/8) codewords)
 """
 
@@ -58,7 +58,7 @@ def int_bits(n_out: int, k: int, bits: int, has_bias: bool) -> dict[str, int]:
 
 def macs_per_pixel(form: str, n_out: int, channels: int, kh: int, kw: int, slices: int, d: int, m: int) -> int:
     """Multiply-accumulates per output pixel of one layer in the given execution form."""
-    if form == "dense":
+    if form in ("dense", "lean"):  # lean decodes the weight at every run on top (N*Cg*kh*kw writes a call)
         return n_out * channels * kh * kw
     if form == "stacked":
         mp = 8 * packed_rows(m)
