@@ -36,7 +36,8 @@ from .graphs import subgraph_reads, subgraphs
 from .plan import IntPlan, LayerPlan
 from .runtime import open_session
 
-BATCH_BYTES = 32 << 20  # graph-input bytes of one batch (activations are a few times more)
+BATCH_BYTES = 8 << 20  # graph-input bytes of one batch; its activations are ten or more times that
+# (ResNet-50: 256x56x56 maps from a 3x224x224 image), for each stream
 MAX_BATCH = 64
 
 

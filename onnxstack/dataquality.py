@@ -186,17 +186,18 @@ def check_layer(stats, d: int, kernel: tuple[int, int], *, name: str = "", rel_t
     im2col rows, K = Cg*kh*kw features)? The reason, when it does not, is one line for the report."""
     kh, kw = (int(kernel[0]), int(kernel[1]))
     D = int(d) * kh * kw
-    _, H, _, _ = stats.centred()  # (K, K)
+    H = stats.centred_h(np.float64)  # (K, K), the one large array here: the full rank is taken last, in place
     K, n = H.shape[0], int(stats.n)
     scale = _largest_eigenvalue(H)
     live = np.diag(H) > rel_tol * scale  # (K,) features that vary
-    rank = _rank(H[np.ix_(live, live)], rel_tol * scale)
     slices = [(j, np.arange(j * D, min((j + 1) * D, K))) for j in range(-(-K // D))]
     slice_ranks = []
     for j, f in slices:
         f = f[live[f]]
         slice_ranks.append((_rank(H[np.ix_(f, f)], rel_tol * scale) - len(f), j, len(f)))
     gap, weakest, weakest_live = min(slice_ranks)
+    rank = _rank(H if live.all() else H[np.ix_(live, live)], rel_tol * scale, overwrite=True)
+    del H
     check = LayerCheck(name, n, K, int(K - live.sum()), rank, D, weakest, weakest_live + gap, weakest_live)
     return _with_reason(check, d, kh, kw)
 
@@ -239,11 +240,13 @@ def _largest_eigenvalue(H: np.ndarray, iterations: int = 30) -> float:
     return max(lam, diag)
 
 
-def _rank(H: np.ndarray, tol: float) -> int:
-    """Pivots of a pivoted Cholesky above `tol` (LAPACK dpstrf; scipy comes with scikit-learn)."""
+def _rank(H: np.ndarray, tol: float, overwrite: bool = False) -> int:
+    """Pivots of a pivoted Cholesky above `tol` (LAPACK dpstrf; scipy comes with scikit-learn). A symmetric
+    C-ordered H is its own Fortran-ordered transpose: with overwrite, factored in place, no copy."""
     if H.size == 0:
         return 0
     from scipy.linalg import lapack
 
-    _, _, rank, info = lapack.dpstrf(np.array(H, dtype=np.float64, order="F"), lower=0, tol=tol)
-    return int(rank) if info >= 0 else int(np.linalg.matrix_rank(H, tol=tol))
+    a = H.T if overwrite and H.dtype == np.float64 and H.flags.c_contiguous else np.array(H, np.float64, order="F")
+    _, _, rank, info = lapack.dpstrf(a, lower=0, tol=tol, overwrite_a=1)
+    return int(rank) if info >= 0 else int(np.linalg.matrix_rank(np.array(H, np.float64), tol=tol))

@@ -48,6 +48,10 @@ def im2col_rows(x: np.ndarray, positions: np.ndarray, kernel, strides=None, pads
     return rows.reshape(len(b), C * kh * kw)
 
 
+FIT_DTYPE = np.float32  # the metric's H, its factor U and W*: BLAS-3 in single precision, as GPTQ does
+_BLOCK = 1024  # rows of H centred at a time (the float64 sums are cast block by block)
+
+
 @dataclass
 class LayerStats:
     """Running sums over sampled rows of X (current input, K features) and Y (original output, N)."""
@@ -90,6 +94,16 @@ class LayerStats:
         H += self.sxx
         return mx, H, G, my
 
+    def centred_h(self, dtype=FIT_DTYPE) -> np.ndarray:
+        """H = sxx - n mx mx^T, centred in float64 (no cancellation when the mean is large) and stored in
+        `dtype`, a block of rows at a time: no second (K, K) float64 array."""
+        mx = self.sx / self.n
+        K = len(mx)
+        H = np.empty((K, K), dtype)
+        for i in range(0, K, _BLOCK):
+            H[i:i + _BLOCK] = self.sxx[i:i + _BLOCK] - self.n * np.outer(mx[i:i + _BLOCK], mx)
+        return H
+
     def centred_cross(self):
         """(mean_x, G, mean_y) without the (K, K) moment."""
         mx, my = self.sx / self.n, self.sy / self.n
@@ -116,12 +130,13 @@ class OutputMetric:
         kh, kw = kernel
         s, D = ceil_div(channels, d), d * kh * kw
         K, Kp = channels * kh * kw, s * D
-        _, H, G, _ = stats.centred()
+        H = stats.centred_h(FIT_DTYPE)
+        _, G, _ = stats.centred_cross()
         lam = damp * max(float(np.mean(np.diag(H))), 1e-12)
         if Kp == K:  # H is a fresh array: damp it in place (the (K, K) arrays dominate the memory of a fit)
-            Hp, Gp = H, G
+            Hp, Gp = H, G.astype(FIT_DTYPE)
         else:
-            Hp, Gp = np.zeros((Kp, Kp)), np.zeros((Kp, n_out))
+            Hp, Gp = np.zeros((Kp, Kp), FIT_DTYPE), np.zeros((Kp, n_out), FIT_DTYPE)
             Hp[:K, :K], Gp[:K] = H, G
         del H
         Hp[np.diag_indices(Kp)] += lam
@@ -145,7 +160,7 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
     Wstar = metric.Wstar
     init = fit_binary_codebook(to_slices(Wstar.reshape(N, s * d, kh, kw).astype(np.float32), d), m,
                                iterations=iterations, seed=seed, terms=terms)
-    B = init.codebook.astype(np.float64)  # (m, D)
+    B = init.codebook.astype(FIT_DTYPE)  # (m, D)
     best = None
     for _ in range(max(rounds, 1)):
         idx, alpha, targets = _sequential_pass(metric, B, terms)
@@ -203,13 +218,14 @@ def _safe_inverse(H: np.ndarray, tries: int = 8) -> tuple[np.ndarray, np.ndarray
     U^T (U x) (`apply_inverse`)."""
     from scipy.linalg import lapack
 
+    trtri = lapack.strtri if H.dtype == np.float32 else lapack.dtrtri
     scale = max(float(np.mean(np.abs(np.diag(H)))), 1e-12)
     extra = 0.0
     for _ in range(tries):
-        Hd = H if extra == 0 else H + extra * scale * np.eye(len(H))
+        Hd = H if extra == 0 else H + np.asarray(extra * scale, H.dtype) * np.eye(len(H), dtype=H.dtype)
         try:
             L = np.linalg.cholesky(Hd[::-1, ::-1])  # lower, C order: L.T is upper in Fortran order
-            Linv_t, info = lapack.dtrtri(L.T, lower=0, overwrite_c=1)  # (L^-1)^T, in L's memory
+            Linv_t, info = trtri(L.T, lower=0, overwrite_c=1)  # (L^-1)^T, in L's memory
             if info == 0 and np.isfinite(Linv_t).all():
                 U = np.ascontiguousarray(Linv_t.T[::-1, ::-1])
                 return Hd, U
@@ -217,11 +233,11 @@ def _safe_inverse(H: np.ndarray, tries: int = 8) -> tuple[np.ndarray, np.ndarray
             pass
         extra = 1e-6 if extra == 0 else extra * 10
     # last resort: the eigen-decomposition, eigenvalues floored (always succeeds for a finite H)
-    w, V = np.linalg.eigh((H + H.T) / 2)
+    w, V = np.linalg.eigh((H + H.T).astype(np.float64) / 2)
     w = np.maximum(w, 1e-3 * scale)
     Hd = (V * w) @ V.T
     Hinv = (V / w) @ V.T
-    return Hd, np.linalg.cholesky((Hinv + Hinv.T) / 2).T
+    return Hd.astype(H.dtype), np.linalg.cholesky((Hinv + Hinv.T) / 2).T.astype(H.dtype)
 
 
 def apply_inverse(U: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -259,9 +275,10 @@ def _sequential_pass(metric: OutputMetric, B, terms):
     N = Wc.shape[0]
     s, D, _ = metric.Linv.shape
     U = metric.U
+    B = B.astype(Wc.dtype, copy=False)
     idx = np.zeros((N, s, terms), np.int64)
-    alpha = np.zeros((N, s, terms))
-    targets = np.zeros((N, s, D))
+    alpha = np.zeros((N, s, terms), Wc.dtype)
+    targets = np.zeros((N, s, D), Wc.dtype)
     rows = np.arange(N)
     for j in range(s):  # sequential by construction; vectorised over filters and codewords
         jb = slice(j * D, (j + 1) * D)
@@ -279,7 +296,7 @@ def _sequential_pass(metric: OutputMetric, B, terms):
             Zq = Z[idx[:, j]]  # (N, k, D)
             gram = np.einsum("nqd,nrd->nqr", Zq, Zq) + 1e-9 * np.eye(terms)
             alpha[:, j] = solve_small(gram, np.einsum("nqd,nd->nq", Zq, Y)[..., None])[..., 0]
-        alpha[:, j] = alpha[:, j].astype(np.float16).astype(np.float64)
+        alpha[:, j] = alpha[:, j].astype(np.float16)
         targets[:, j] = Wc[:, jb]
         E = Wc[:, jb] - np.einsum("nq,nqd->nd", alpha[:, j], B[idx[:, j]])
         Wc[:, (j + 1) * D:] -= E @ Linv @ U[jb, (j + 1) * D:]
