@@ -250,11 +250,12 @@ def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
                          f"which StackedBinaryConv needs: {one_line(e, 200)}") from None
 
 
-def upgrade_checked(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Upgrade to op.MIN_OPSET and prove on a random input that the outputs did not change."""
+def upgrade_checked(model: onnx.ModelProto, target: int = op.MIN_OPSET) -> onnx.ModelProto:
+    """Upgrade to `target` (op.MIN_OPSET unless told) and prove on a random input that the outputs did not
+    change."""
     from .runtime import open_session, random_inputs
 
-    upgraded = upgrade_opset(model, op.MIN_OPSET)
+    upgraded = upgrade_opset(model, target)
     try:
         sessions = open_session(model), open_session(upgraded)
         for size in (None, 64, 224, 1024):  # sizes for the free dims, until the original model runs
@@ -269,11 +270,11 @@ def upgrade_checked(model: onnx.ModelProto) -> onnx.ModelProto:
     except ModelError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"cannot verify the opset upgrade to {op.MIN_OPSET}: {one_line(e, 200)}") from None
+        raise ModelError(f"cannot verify the opset upgrade to {target}: {one_line(e, 200)}") from None
     for a, b in zip(before, after):
         if a.shape != b.shape or not np.allclose(a, b, rtol=1e-4, atol=1e-5):
-            raise ModelError(f"upgrading opset {default_opset(model)} to {op.MIN_OPSET} changed the outputs; "
-                             "export the model at opset >= 12")
+            raise ModelError(f"upgrading opset {default_opset(model)} to {target} changed the outputs; "
+                             f"export the model at opset >= {target}")
     return upgraded
 
 

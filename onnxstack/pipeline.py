@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,6 +39,8 @@ from .report import SUMMARY_KEYS, already_compressed, build_report
 from .rest import store_rest
 from .rewrite import rewrite
 from .search import Candidates, hold_out, layer_candidates_all, search_ratio
+
+log = logging.getLogger("onnxstack")
 
 Progress = Callable[[int, int, str], None]
 
@@ -73,12 +76,23 @@ def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | 
     if default_opset(model) < op.MIN_OPSET:
         model = upgrade_checked(model)
         infos = analyse(model, config)
+    model, opset_record = int4_opset(model, config, data is not None and (target_ratio, max_drop) != (None, None))
+    if opset_record.get("upgraded"):
+        infos = analyse(model, config)
     feeds, labels, data_check = calibration_data(data, model, config.seed) if data is not None else (None, None, None)
     settings = allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, source.original_bytes,
                               progress)
     plans = fit_stage(model, settings, progress)
     out, report = assemble(model, settings.infos, plans, settings.config, source.original_bytes)
     report.update({"calibrated": feeds is not None, **settings.record})
+    target = settings.record.get("target_ratio")
+    if target and report["conv_ratio"] > TARGET_TOLERANCE * target:
+        report["target_note"] = (f"the settings with the least measured damage within the bits of {target:g}x "
+                                 f"reach {report['conv_ratio']:.1f}x: no choice nearer {target:g}x measured less "
+                                 "damage (more bits buy nothing there)")
+        log.warning("%s", report["target_note"])
+    if opset_record:
+        report["opset"] = opset_record
     if data_check is not None:
         report["data_check"] = data_check
     out, report["reconstruction"] = reconstruct_stage(model, out, settings.feeds, plans, reconstruct)
@@ -204,6 +218,27 @@ def require_eligible(infos: list[ConvInfo]) -> None:
         raise NothingToCompressError("the model has no Conv node")
     reasons = sorted({i.reason for i in infos})
     raise NothingToCompressError(f"no eligible Conv among {len(infos)}: {'; '.join(reasons)[:300]}")
+
+
+TARGET_TOLERANCE = 1.15  # a target ratio lands within 15% (above it only when that measures less damage)
+
+
+def int4_opset(model: onnx.ModelProto, config: CompressConfig, searching: bool) -> tuple[onnx.ModelProto, dict]:
+    """int4 weights need DequantizeLinear of opset 21. Where int4 is in play (a settings search, whose ladder
+    offers int4 per layer, or int_bits=4 asked for) and the model is older, it is upgraded to 21 when
+    onnx's converter can and the outputs stay the same on a random input; else it stays, int4 is not
+    offered, and the record says why."""
+    from .fitters import INT4_MIN_OPSET
+
+    asked = any(o.representation == "int4" for o in config.overrides.values())
+    have = default_opset(model)
+    if have >= INT4_MIN_OPSET or not (searching or asked):
+        return model, {}
+    try:
+        return upgrade_checked(model, INT4_MIN_OPSET), {"upgraded": f"{have} -> {INT4_MIN_OPSET}",
+                                                        "why": "int4 weights (DequantizeLinear of opset 21)"}
+    except OnnxstackError as e:
+        return model, {"upgraded": None, "why": f"kept opset {have}, so no int4 layers: {one_line(e, 200)}"}
 
 
 def check_search_options(config: CompressConfig, feeds, target_ratio, max_drop) -> None:

@@ -212,10 +212,30 @@ def test_report_bits_are_what_the_file_stores():
     assert entries(result)["conv0"]["bits_by_part"]["weights"] == 4 * 16 * 8 * 9
 
 
-def test_int4_below_opset_21_is_stored_as_int8_and_says_so():
+def test_int4_below_opset_21_upgrades_the_model_when_the_outputs_stay():
+    model = conv_model(LAYERS, opset=17)
+    result = onnxstack.compress(model, mixed(), data=feeds())
+    assert result.report["opset"]["upgraded"] == "17 -> 21"
+    assert entries(result)["conv0"]["representation"] == "int4" and "fallback" not in entries(result)["conv0"]
+    assert {i.version for i in result.model.opset_import if i.domain == ""} == {21}
+    x = feeds(4)["input"]
+    np.testing.assert_allclose(run_ort(result.model, {"input": x})[0], reference(result.model, x), rtol=1e-4,
+                               atol=1e-5)
+    assert model.opset_import[0].version == 17  # the input is not modified
+
+
+def test_int4_below_opset_21_is_stored_as_int8_and_says_so(monkeypatch):
+    from onnxstack import pipeline
+    from onnxstack.errors import ModelError
+
+    def refuse(model, target=12):
+        raise ModelError("the converter cannot upgrade this model")
+
+    monkeypatch.setattr(pipeline, "upgrade_checked", refuse)
     model = conv_model(LAYERS, opset=17)
     for data in (None, feeds()):
         result = onnxstack.compress(model, mixed(), data=data)
+        assert "no int4 layers" in result.report["opset"]["why"] and result.report["opset"]["upgraded"] is None
         e = entries(result)
         reason = "int4 needs opset >= 21 (model has 17); stored as int8"
         assert e["conv0"]["representation"] == "int8" and e["conv0"]["fallback"] == reason

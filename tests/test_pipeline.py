@@ -285,8 +285,11 @@ def test_target_ratio_lands_within_15_percent_from_4_to_100():
     model = conv_model([{"in": 32, "out": 64, "pads": [1, 1, 1, 1]}, {"out": 128, "pads": [1, 1, 1, 1]}], hw=(6, 6))
     feeds = _feeds(model, 48)
     for target in (4, 6, 8, 12, 16, 24, 32, 48, 64, 100):
-        ratio = onnxstack.compress(model, CompressConfig(), data=feeds, target_ratio=target).report["conv_ratio"]
-        assert target / 1.15 <= ratio <= target * 1.15, (target, ratio)
+        report = onnxstack.compress(model, CompressConfig(), data=feeds, target_ratio=target).report
+        ratio = report["conv_ratio"]
+        assert target / 1.15 <= ratio, (target, ratio)  # never short of the target
+        # above it only where that measured less damage, and the report says so
+        assert ratio <= target * 1.15 or f"reach {ratio:.1f}x" in report["target_note"], (target, ratio)
 
 
 def test_search_mixes_int8_where_it_pays_and_says_so():
