@@ -67,3 +67,14 @@ def test_lean_needs_less_memory_than_the_original(wide, forms):
     x = feeds(wide)
     original, lean = session_memory(wide, x), session_memory(forms["lean"], x)
     assert lean < original / 2, (lean / MB, original / MB)
+
+
+def test_lean_inlined_into_standard_ops_gives_the_same_outputs(wide, forms):
+    from onnxstack.inline import inline_functions
+
+    inlined = inline_functions(forms["lean"])
+    onnx.checker.check_model(inlined, full_check=True)
+    assert not inlined.functions and all(n.domain in ("", "ai.onnx") for n in inlined.graph.node)
+    x = feeds(wide, batch=2)
+    a, b = run_ort(forms["lean"], x)[0], run_ort(inlined, x)[0]
+    assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()

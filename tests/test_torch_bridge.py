@@ -177,7 +177,7 @@ def test_compressed_model_matches_onnxruntime(small_model, terms):
     import onnxstack
 
     x = RNG.standard_normal((2, 8, 12, 12)).astype(np.float32)
-    for form in ("dense", "stacked"):
+    for form in ("dense", "lean", "stacked"):
         result = onnxstack.compress(small_model, onnxstack.CompressConfig(slice_dim=4, execution=form, terms=terms))
         got = build_module(result.model)(torch.from_numpy(x))[0].detach().numpy()
         np.testing.assert_allclose(got, run_ort(result.model, {"input": x})[0], rtol=1e-4, atol=1e-4)
