@@ -151,6 +151,9 @@ def git_state(repo: Path = REPO) -> dict:
         return {"commit": "unknown", "dirty": None}
 
 
+START_STATE = git_state()  # the code a bench runs is the code it imported: stamped with the state at its start
+
+
 def measured_line(state: dict) -> str:
     """'Measured at commit <12 hex>[ (with uncommitted changes)], <date>.': the line every results .md ends with."""
     dirty = " (with uncommitted changes)" if state.get("dirty") else ""
@@ -159,7 +162,7 @@ def measured_line(state: dict) -> str:
 
 def write_results(name: str, data: dict, markdown: str, stamp: bool = True, results: Path | None = None) -> dict:
     """Write bench/results/NAME.json and NAME.md. With stamp (the default) the json gets `measured_at`
-    (commit, dirty, date, the script's command line) and the .md ends with `measured_line`; a script whose
+    (commit and dirty as when the bench started, date, the script's command line) and the .md ends with `measured_line`; a script whose
     results merge runs made at different commits (real_models.py) records one per run itself and passes
     stamp=False. Returns what was written to the json."""
     import sys
@@ -169,7 +172,7 @@ def write_results(name: str, data: dict, markdown: str, stamp: bool = True, resu
     if stamp:
         script = Path(sys.argv[0]).resolve()
         script = script.relative_to(REPO) if script.is_relative_to(REPO) else script.name
-        state = {**git_state(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", str(script),
+        state = {**START_STATE, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", str(script),
                                                                                         *sys.argv[1:]])}
         data = {"measured_at": state, **data}
         markdown = markdown.rstrip() + "\n\n" + measured_line(state)

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 import onnxstack
-from common import REPO, binary_weight_baseline, conv_bits, environment, git_state, write_results
+from common import REPO, START_STATE, binary_weight_baseline, conv_bits, environment, write_results
 from common import ort_quantized as common_ort_quantized
 from zoo import cache_dir
 
@@ -677,6 +677,10 @@ def markdown(results: dict, tasks_: dict, total_s: float | None = None, runs: di
             dirty = " (with uncommitted changes)" if commit.endswith("(with uncommitted changes)") else ""
             lines.append(f"Measured at commit {commit[:12]}{dirty}, {runs[name]['date']}; this model took "
                          f"{info.get('seconds', 0) / 60:.1f} min.")
+            added = runs[name].get("added_rows")
+            if added:
+                lines.append(f"Rows whose method contains {', '.join(repr(o) for o in added['only'])} re-measured at "
+                             f"commit {added['commit'][:12]}, {added['date']} (the other rows are the run above's).")
         lines.append("")
     if total_s is not None:
         lines.append(f"Whole run: {total_s / 60:.1f} min on this machine.")
@@ -703,7 +707,7 @@ def issue_bar(rows: list, primary: str) -> str:
 
 def git_commit() -> str:
     """The commit of this run as each model's entry in `runs` records it: 'sha[ (with uncommitted changes)]'."""
-    state = git_state()
+    state = START_STATE  # as when the run started: the code it imported
     return state["commit"] + (" (with uncommitted changes)" if state["dirty"] else "")
 
 

@@ -96,7 +96,8 @@ def test_target_ratio_is_reached(target):
     assert set(alloc) == {"conv0", "conv1"}
     chosen = {e["name"]: e for e in result.report["layers"]}
     for name, a in alloc.items():
-        if not a["dense"]:
+        assert chosen[name].get("representation", "binary") == a["representation"] or a["dense"]
+        if not a["dense"] and a["representation"] == "binary":
             assert (chosen[name]["slice_dim"], chosen[name]["codebook_size"], chosen[name]["terms"]) == \
                 (a["slice_dim"], a["codebook_size"], a["terms"])
 
