@@ -160,11 +160,12 @@ def measured_line(state: dict) -> str:
     return f"Measured at commit {state['commit'][:12]}{dirty}, {state['date']}."
 
 
-def write_results(name: str, data: dict, markdown: str, stamp: bool = True, results: Path | None = None) -> dict:
+def write_results(name: str, data: dict, markdown: str, stamp: bool = True, results: Path | None = None,
+                  state: dict | None = None) -> dict:
     """Write bench/results/NAME.json and NAME.md. With stamp (the default) the json gets `measured_at`
     (commit and dirty as when the bench started, date, the script's command line) and the .md ends with `measured_line`; a script whose
     results merge runs made at different commits (real_models.py) records one per run itself and passes
-    stamp=False. Returns what was written to the json."""
+    stamp=False; `state` re-uses a run's stamp (re-rendering its results). Returns what was written to the json."""
     import sys
 
     results = RESULTS if results is None else results
@@ -172,7 +173,7 @@ def write_results(name: str, data: dict, markdown: str, stamp: bool = True, resu
     if stamp:
         script = Path(sys.argv[0]).resolve()
         script = script.relative_to(REPO) if script.is_relative_to(REPO) else script.name
-        state = {**START_STATE, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", str(script),
+        state = state or {**START_STATE, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", str(script),
                                                                                         *sys.argv[1:]])}
         data = {"measured_at": state, **data}
         markdown = markdown.rstrip() + "\n\n" + measured_line(state)

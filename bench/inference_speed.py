@@ -42,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import zoo  # noqa: E402
-from common import REPO, RESULTS, SAMPLES, environment, measured_line, write_results  # noqa: E402
+from common import REPO, RESULTS, SAMPLES, environment, write_results  # noqa: E402
 
 import onnxstack  # noqa: E402
 from onnxstack.analyse import analyse, layer_name  # noqa: E402
@@ -441,7 +441,7 @@ def main():
         data = json.loads((RESULTS / "inference_speed.json").read_text())
         stamp = data.pop("measured_at")
         md = markdown(data["results"], data["layers"], data)
-        (RESULTS / "inference_speed.md").write_text(md.rstrip() + "\n\n" + measured_line(stamp) + "\n")
+        write_results("inference_speed", data, md, state=stamp)
         print(md)
         return
     env = environment()

@@ -22,7 +22,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -66,7 +66,8 @@ class _Segment:
 
 
 class Walk:
-    """Calibration statistics for the layers in graph order, on bounded memory (module docstring).
+    """Calibration statistics for the layers in graph order, on bounded memory (module docstring). `feeds`:
+    a dict of arrays, or a data.Dataset, whose batches are read (and spilled) one at a time at the first cut.
 
         with Walk(model, layers, feeds, config, sequential=True) as walk:
             for info, stats in walk:        # stats: LayerStats, or None where `needs(info)` is false
@@ -74,15 +75,19 @@ class Walk:
                 walk.install(info, plan)    # the working stream runs the layer compressed from here on
     """
 
-    def __init__(self, model: onnx.ModelProto, layers: list[ConvInfo], feeds: dict[str, np.ndarray],
+    def __init__(self, model: onnx.ModelProto, layers: list[ConvInfo], feeds,
                  config: CompressConfig, sequential: bool = True, needs=lambda info: info.group == 1,
                  folder: str | None = None):
         self.model, self.config, self.sequential, self.needs = model, config, sequential, needs
         self.layers = sorted(layers, key=lambda i: i.node_index)
-        self.feeds = feeds
-        self.n = len(next(iter(feeds.values())))
-        per_sample = sum(v[:1].nbytes for v in feeds.values()) or 1
-        self.batch = int(np.clip(BATCH_BYTES // per_sample, 1, MAX_BATCH))
+        self.feeds = feeds  # dict of arrays, or a Dataset read a batch at a time at the first cut
+        if isinstance(feeds, Mapping):
+            self.n = len(next(iter(feeds.values())))
+            per_sample = sum(v[:1].nbytes for v in feeds.values()) or 1
+            self.batch = int(np.clip(BATCH_BYTES // per_sample, 1, MAX_BATCH))
+        else:
+            self.n = len(feeds)
+            self.batch = feeds.batch_for(BATCH_BYTES, MAX_BATCH)
         self.starts = list(range(0, self.n, self.batch))
         self.weights = {t.name: t for t in model.graph.initializer}
         self.replaced: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # node index -> decoded (w, b)
@@ -96,7 +101,8 @@ class Walk:
             for name in names:
                 last[name] = i
         self._last = last
-        self._made = {name: -1 for name in feeds}  # graph inputs are made "before node 0"
+        inputs = list(feeds) if isinstance(feeds, Mapping) else list(feeds.input_names)
+        self._made = {name: -1 for name in inputs}  # graph inputs are made "before node 0"
         for i, node in enumerate(nodes):
             for name in node.output:
                 if name:
@@ -146,9 +152,14 @@ class Walk:
         if cut == self._at and self._counter > 0:
             return
         if self._counter == 0 and self._at == 0:  # first cut: the feeds are the live tensors at node 0
-            for name in self.feeds:
-                for j, s in enumerate(self.starts):
-                    self._put("orig", name, j, self.feeds[name][s:s + self.batch])
+            if isinstance(self.feeds, Mapping):
+                batches = ({k: v[s:s + self.batch] for k, v in self.feeds.items()} for s in self.starts)
+            else:
+                batches = (feeds for feeds, _ in self.feeds.batches(self.batch))
+            for j, feeds in enumerate(batches):
+                for name, value in feeds.items():
+                    self._put("orig", name, j, value)
+            for name in self._files["orig"]:
                 self._files["work"][name] = self._files["orig"][name]
         seg = self._segment(self._at, cut)
         if seg.outputs:

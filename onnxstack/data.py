@@ -2,7 +2,12 @@
 
     data = load_data("val.npz", model, limit=512)
     for feeds, labels in data.batches(64): ...
-    feeds, labels = data.arrays(limit=128)           # calibration, all in memory
+    feeds, labels = data.arrays(limit=128)           # all in memory (the settings search)
+
+A .npz that np.savez wrote (members stored uncompressed) stays in the file: its shapes and dtypes are
+checked from the .npy headers, and each batch reads just its rows (npzread.py), so memory holds a batch
+whatever the number of samples. compressed npz: loaded whole (np.savez_compressed members are inflated
+once, then sliced in memory).
 
 Axis 0 of every array is the sample axis (it is not checked against the model's batch dim).
 A .npz holds one array per model input, keyed by input name (a single-input model takes one array of
@@ -17,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Union
@@ -27,6 +31,7 @@ import onnx
 
 from .errors import ConfigError, DataError
 from .load import load_model
+from .npzread import StoredArray, cast, check_labels, check_shape, sample_count, read_npz
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -119,6 +124,15 @@ class Dataset:
             idx = order[start:start + batch_size]
             yield self._fetch(idx), (None if self.labels is None else self.labels[idx])
 
+    def take(self, idx) -> Feeds:
+        """The feeds of the samples idx (an integer array, any order), read or decoded now."""
+        return self._fetch(np.asarray(idx, dtype=np.int64))
+
+    def batch_for(self, max_bytes: int, most: int) -> int:
+        """Samples a batch of at most `max_bytes` of feeds holds (1 to `most`), measured on one sample."""
+        per_sample = sum(v.nbytes for v in self.take(np.arange(1)).values()) or 1
+        return int(np.clip(max_bytes // per_sample, 1, most))
+
     def arrays(self, limit: int | None = None) -> tuple[Feeds, np.ndarray | None]:
         """The first `limit` samples (all when None) in memory, e.g. for calibration."""
         _check_limit(limit)
@@ -139,8 +153,11 @@ def load_data(path: str | os.PathLike, model, *, limit: int | None = None, seed:
         raise DataError(f"{path}: no such file or folder")
     if path.suffix.lower() != ".npz":
         raise DataError(f"{path}: expected a .npz file or a folder of images ({', '.join(IMAGE_SUFFIXES)})")
-    arrays = _read_npz(path)
-    return from_arrays(arrays, specs, limit=limit, seed=seed, source=str(path))
+    arrays = read_npz(path)  # uncompressed members stay in the file, read a batch at a time
+    labels = arrays.get(LABELS_KEY)
+    if isinstance(labels, StoredArray):
+        labels = labels.load()
+    return _dataset({k: v for k, v in arrays.items() if k != LABELS_KEY}, labels, specs, limit, seed, str(path))
 
 
 def from_arrays(arrays: Mapping[str, np.ndarray], model, labels: np.ndarray | None = None, *,
@@ -152,6 +169,12 @@ def from_arrays(arrays: Mapping[str, np.ndarray], model, labels: np.ndarray | No
     data = {k: np.asarray(v) for k, v in arrays.items() if k != LABELS_KEY}
     if labels is None and LABELS_KEY in arrays:
         labels = np.asarray(arrays[LABELS_KEY])
+    return _dataset(data, labels, specs, limit, seed, source)
+
+
+def _dataset(data: dict, labels, specs: list[InputSpec], limit: int | None, seed: int, source: str) -> Dataset:
+    """Arrays in memory, or StoredArray members of a .npz (read a batch at a time, cast as they are read),
+    checked against the inputs: names, shapes and dtypes up front, from the .npz headers."""
     renamed = None
     if len(specs) == 1 and specs[0].name not in data and len(data) == 1:
         (renamed, array), = data.items()
@@ -161,19 +184,26 @@ def from_arrays(arrays: Mapping[str, np.ndarray], model, labels: np.ndarray | No
             found = ", ".join(f"'{k}' {v.shape}" for k, v in data.items()) or "no arrays"
             raise DataError(f"{source}: no data for input '{spec.name}' {spec.describe()}; found {found} "
                             f"(name the arrays after the model inputs, the class ids '{LABELS_KEY}')")
-    feeds = {s.name: _cast(_check_shape(data[s.name], s, source), s, source) for s in specs}
-    n = _sample_count(feeds, source)
+    feeds = {s.name: cast(check_shape(data[s.name], s, source), s, source) for s in specs}
+    n = sample_count(feeds, source)
     if labels is not None:
-        labels = _check_labels(labels, n, source)
+        labels = check_labels(labels, n, source)
     if renamed is not None:  # said once the data is known to fit (an error stays the only line)
         log.warning("%s: the model's one input is '%s'; using the array '%s' %s for it", source, specs[0].name,
                     renamed, tuple(data[specs[0].name].shape))
     idx = select(n, limit, seed)
+    stored = {k for k, v in feeds.items() if isinstance(v, StoredArray)}
     if len(idx) < n:
-        feeds = {k: v[idx] for k, v in feeds.items()}
+        feeds = {k: v if k in stored else v[idx] for k, v in feeds.items()}
         labels = None if labels is None else labels[idx]
-    return Dataset([s.name for s in specs], len(idx), lambda i: {k: v[i] for k, v in feeds.items()},
-                   labels, source=source)
+    rows = idx if len(idx) < n else None  # dataset sample -> file row, for the stored arrays
+    dtypes = {s.name: s.dtype for s in specs}
+
+    def fetch(i: np.ndarray) -> Feeds:
+        return {k: (v.rows(i if rows is None else rows[i]).astype(dtypes[k], copy=False) if k in stored else v[i])
+                for k, v in feeds.items()}
+
+    return Dataset([s.name for s in specs], len(idx), fetch, labels, source=source)
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -203,73 +233,6 @@ def select(n: int, limit: int | None, seed: int) -> np.ndarray:
     if limit is None or limit >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-
-
-# --- arrays -----------------------------------------------------------------------------------------
-
-
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
-    if not zipfile.is_zipfile(path):
-        raise DataError(f"{path}: not a readable .npz file (not a zip archive)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if not isinstance(f, np.lib.npyio.NpzFile):
-                raise ValueError("it holds a single .npy array")
-            return {k: f[k] for k in f.files}
-    except Exception as e:  # noqa: BLE001 - zipfile, numpy and OS errors alike mean a bad file
-        raise DataError(f"{path}: not a readable .npz file ({_one_line(e)})") from None
-
-
-def _check_shape(arr: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
-    """Rank and static dims (past the sample axis) must match; symbolic dims accept anything."""
-    bad = arr.ndim == 0
-    if spec.shape is not None:
-        bad = bad or arr.ndim != len(spec.shape) or any(
-            isinstance(d, int) and d > 0 and arr.shape[i] != d for i, d in enumerate(spec.shape) if i > 0)
-    if bad:
-        raise DataError(f"{source}: data for input '{spec.name}' has shape {arr.shape}, "
-                        f"the model expects {spec.describe()}")
-    return arr
-
-
-def _cast(arr: np.ndarray, spec: InputSpec, source: str) -> np.ndarray:
-    """Floats to float inputs and integers to integer inputs (in range); anything else is an error."""
-    want, have = spec.dtype, arr.dtype
-    if want.kind == "f" and have.kind == "f":
-        return arr.astype(want, copy=False)
-    if want.kind in "iu" and have.kind in "iu":
-        info = np.iinfo(want)
-        if arr.size and (arr.min() < info.min or arr.max() > info.max):
-            raise DataError(f"{source}: data for input '{spec.name}' {arr.shape} has values outside {want}")
-        return arr.astype(want, copy=False)
-    if want.kind == have.kind == "b":
-        return arr
-    hint = "; convert it to floats and scale it (e.g. x / 255) first" if want.kind == "f" and have.kind in "iub" else ""
-    raise DataError(f"{source}: data for input '{spec.name}' {arr.shape} is {have}, the model expects {want}{hint}")
-
-
-def _sample_count(feeds: Feeds, source: str) -> int:
-    counts = {k: v.shape[0] for k, v in feeds.items()}
-    if len(set(counts.values())) > 1:
-        listed = ", ".join(f"'{k}' {feeds[k].shape}" for k in counts)
-        raise DataError(f"{source}: inputs differ in sample count (axis 0): {listed}")
-    n = next(iter(counts.values()), 0)
-    if n == 0:
-        listed = ", ".join(f"'{k}' {v.shape}" for k, v in feeds.items())
-        raise DataError(f"{source}: no samples (data for input {listed})")
-    return n
-
-
-def _check_labels(labels: np.ndarray, n: int, source: str) -> np.ndarray:
-    """Class ids: shape (n,), integral, >= 0; returned as int64."""
-    labels = np.asarray(labels)
-    if labels.shape != (n,):
-        raise DataError(f"{source}: labels have shape {labels.shape}, expected ({n},): one class id per sample")
-    if labels.dtype.kind not in "iuf" or (labels.dtype.kind == "f" and not np.all(np.mod(labels, 1) == 0)):
-        raise DataError(f"{source}: labels {labels.shape} must be integer class ids, got {labels.dtype} values")
-    if labels.min() < 0:
-        raise DataError(f"{source}: labels {labels.shape} hold negative class id {int(labels.min())}")
-    return labels.astype(np.int64)
 
 
 # --- images -----------------------------------------------------------------------------------------
@@ -377,7 +340,7 @@ def _decode(files: list[Path], idx: np.ndarray, plan: _ImagePlan, Image, source:
     if plan.layout == "nchw":
         x = x.transpose(0, 3, 1, 2)
     x = np.ascontiguousarray(x, dtype=plan.spec.dtype)
-    _check_shape(x, plan.spec, source)
+    check_shape(x, plan.spec, source)
     return {plan.spec.name: x}
 
 

@@ -37,7 +37,9 @@ FINGERPRINT_BINS = 16   # per axis
 MIN_SAMPLES = 100       # below this the output-aware fit tends to learn the samples, not the inputs
 MAX_CHECKED = 8192      # a seeded subset beyond this (the pairwise check is quadratic)
 RANK_TOL = 1e-6
-_CHUNK = 512            # rows of the pairwise similarity computed at once
+_CHUNK = 512            # rows of the pairwise similarity computed at once (and most samples a batch reads),
+_CHUNK_VALUES = 1 << 17  # or fewer: (rows, n) similarities of at most this many values
+_BATCH_BYTES = 8 << 20  # feeds read at once by check_dataset
 
 
 # --- samples ----------------------------------------------------------------------------------------
@@ -65,10 +67,42 @@ def check_samples(feeds: Mapping[str, np.ndarray], *, threshold: float = DUPLICA
     if not feeds:
         return SampleFindings(0, 0, 0, warnings=("no calibration samples",))
     n = len(next(iter(feeds.values())))
-    idx = np.arange(n)
-    if n > max_checked:
-        idx = np.sort(np.random.default_rng(seed).choice(n, size=max_checked, replace=False))
+    idx = _checked(n, max_checked, seed)
     prints = [_fingerprints(np.asarray(v)[idx]) for v in feeds.values()]  # each (2, n', F): plain, centred
+    return _findings(n, idx, prints, threshold, min_samples)
+
+
+def check_dataset(data, *, threshold: float = DUPLICATE_COSINE, min_samples: int = MIN_SAMPLES,
+                  max_checked: int = MAX_CHECKED, seed: int = 0) -> SampleFindings:
+    """check_samples on a Dataset's own samples (those an --augment stretch derived from are left out), read
+    a batch at a time: only the fingerprints of the samples are held."""
+    n = min(getattr(data, "original_size", None) or len(data), len(data))
+    if n == 0:
+        return check_samples(data.take(np.arange(0)), threshold=threshold, min_samples=min_samples)
+    idx = _checked(n, max_checked, seed)
+    batch = data.batch_for(_BATCH_BYTES, _CHUNK)
+    per_input: dict[str, np.ndarray] = {}  # input -> (2, len(idx), F), filled a batch at a time
+    for start in range(0, len(idx), batch):
+        for name, x in data.take(idx[start:start + batch]).items():
+            f = _fingerprints(x)
+            if name not in per_input:
+                per_input[name] = np.empty((2, len(idx), f.shape[2]), f.dtype)
+            per_input[name][:, start:start + len(x)] = f
+    if not per_input:
+        return SampleFindings(0, 0, 0, warnings=("no calibration samples",))
+    return _findings(n, idx, list(per_input.values()), threshold, min_samples)
+
+
+def _checked(n: int, max_checked: int, seed: int) -> np.ndarray:
+    """The samples compared: all, or a seeded subset of max_checked (the pairwise check is quadratic)."""
+    if n > max_checked:
+        return np.sort(np.random.default_rng(seed).choice(n, size=max_checked, replace=False))
+    return np.arange(n)
+
+
+def _findings(n: int, idx: np.ndarray, prints: list[np.ndarray], threshold: float,
+              min_samples: int) -> SampleFindings:
+    """The findings from each input's (2, len(idx), F) fingerprints of the checked samples idx of n."""
     pairs = _duplicate_pairs(prints, threshold)  # (P, 2) positions in idx, earlier first
     later = np.unique(pairs[:, 1]) if len(pairs) else np.empty(0, np.int64)
     examples = tuple((int(idx[i]), int(idx[j])) for i, j in pairs[:3])
@@ -85,12 +119,6 @@ def check_samples(feeds: Mapping[str, np.ndarray], *, threshold: float = DUPLICA
         warnings.append(f"only {count}; the output-aware fit wants a few hundred or more (about 1,000): "
                         "pass more data, or stretch an image set with --augment N")
     return SampleFindings(n, len(idx), int(len(later)), examples, tuple(warnings))
-
-
-def check_dataset(data, **options) -> SampleFindings:
-    """check_samples on a Dataset's own samples (those an --augment stretch derived from are left out)."""
-    feeds, _ = data.arrays(limit=getattr(data, "original_size", None) or None)
-    return check_samples(feeds, **options)
 
 
 def warn(findings) -> None:
@@ -131,9 +159,10 @@ def _pool_axis(x: np.ndarray, axis: int, bins: int) -> np.ndarray:
 def _duplicate_pairs(prints: list[np.ndarray], threshold: float) -> np.ndarray:
     """(P, 2) index pairs i < j whose similarity exceeds `threshold` for every input; rows in chunks."""
     n = prints[0].shape[1]
+    chunk = int(np.clip(_CHUNK_VALUES // max(n, 1), 1, _CHUNK))  # a (chunk, n) similarity of bounded size
     found = []
-    for start in range(0, n, _CHUNK):
-        rows = slice(start, min(start + _CHUNK, n))
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
         sim = None
         for p in prints:
             for form in p:  # plain, centred: the smaller similarity counts

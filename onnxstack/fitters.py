@@ -142,10 +142,11 @@ def fit_int_output(job: Job) -> IntPlan:
                     output_rel_error=job.stats.relative_error(intq.decode(q, scales).reshape(n, -1), bias))
 
 
-def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray] | None,
-               config: CompressConfig, progress: Callable[[str], None] | None = None) -> dict[int, Plan]:
-    """node index -> LayerPlan for every eligible Conv. Without data: weights-only fits in parallel. With
-    data: graph order, each layer on the inputs of the model compressed so far (one walk, calibrate.py)."""
+def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds, config: CompressConfig,
+               progress: Callable[[str], None] | None = None) -> dict[int, Plan]:
+    """node index -> LayerPlan for every eligible Conv. Without data (feeds None): weights-only fits in
+    parallel. With data (a dict of arrays, or a Dataset read a batch at a time): graph order, each layer on
+    the inputs of the model compressed so far (one walk, calibrate.py)."""
     if feeds is None:
         return _weights_only(model, infos, config, progress)
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -7,7 +7,7 @@
 | load       | load.py                     | path or ModelProto -> checked model (+ its external data)    |
 | normalise  | normalise.py                | model -> canonical model (constants folded, 1-D lifted)      |
 | analyse    | analyse.py                  | model, config -> ConvInfo per Conv (eligible, or a reason)   |
-| data       | data.py                     | dataset/arrays/path -> feeds checked against the inputs      |
+| data       | data.py (+ npzread.py)      | dataset/arrays/path -> a Dataset checked against the inputs  |
 | allocate   | search.py                   | target ratio / max drop -> per-layer settings in the config  |
 | fit        | fitters.py (+ calibrate.py) | layers -> LayerPlan each (the fitter, and any fallback why)  |
 | rewrite    | rewrite.py                  | model + plans -> model with StackedBinaryConv nodes          |
@@ -63,7 +63,8 @@ class Settings:
     infos: list[ConvInfo]
     candidates: Candidates | None = None
     record: dict = field(default_factory=dict)
-    feeds: dict | None = None  # the calibration feeds the fit uses (less a held-out part under max drop)
+    feeds: object = None  # the calibration feeds the fit uses: a Dataset (default path) or arrays (a search
+    # has read them; less a held-out part under max drop)
 
 
 def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | None = None,
@@ -122,6 +123,7 @@ def reconstruct_stage(model, out, feeds, plans, option) -> tuple[onnx.ModelProto
         if option is not None:
             raise ConfigError("reconstruction needs torch: pip install 'onnxstack[torch]'") from None
         return out, {"ran": False, "why": "torch is not installed (pip install 'onnxstack[torch]')"}
+    feeds = as_arrays(feeds)
     n = len(next(iter(feeds.values())))
     if n < 16:
         return out, {"ran": False, "why": f"{n} calibration samples; reconstruction needs at least 16"}
@@ -148,6 +150,11 @@ def _output_error(original, compressed, feeds) -> float:
 
 
 
+def as_arrays(feeds) -> dict[str, np.ndarray] | None:
+    """Calibration feeds in memory: a Dataset's samples (all of them) read now; a dict as it is."""
+    return feeds.arrays()[0] if feeds is not None and not isinstance(feeds, dict) else feeds
+
+
 def load_stage(model_or_path) -> Source:
     model, path, data_files = load_model_and_data_files(model_or_path)
     again = already_compressed(model)
@@ -163,7 +170,8 @@ def allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, 
     check_search_options(config, feeds, target_ratio, max_drop)
     if target_ratio is None and max_drop is None:
         check_codebook_sizes(infos, config)
-        return Settings(config, infos, feeds=feeds)
+        return Settings(config, infos, feeds=feeds)  # a Dataset: the fit's walk reads it a batch at a time
+    feeds = as_arrays(feeds)
     record: dict = {}
     held_out = None
     if max_drop is not None:
@@ -269,9 +277,11 @@ def check_codebook_sizes(infos: list[ConvInfo], config: CompressConfig) -> None:
                                   f"use m <= {n_slices} or skip the layer")
 
 
-def calibration_data(data, model: onnx.ModelProto, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict]:
-    """Calibration arrays keyed by input name, checked against the model (finite values), labels if any, and
-    the findings of the data check (near-duplicates, too few samples: warned, and kept in the report)."""
+def calibration_data(data, model: onnx.ModelProto, seed: int):
+    """(Dataset, labels if any, findings of the data check): the calibration data checked against the model
+    (finite values) and checked for near-duplicates and too few samples (warned, and kept in the report).
+    Both checks read a batch at a time: the Dataset of a .npz holds no samples (stages that need arrays,
+    the settings search and reconstruction, take them with dataset.arrays())."""
     from .data import Dataset, from_arrays, load_data
     from .dataquality import check_dataset, warn
     from .errors import DataError
@@ -280,13 +290,20 @@ def calibration_data(data, model: onnx.ModelProto, seed: int) -> tuple[dict[str,
         data = from_arrays(data, model)
     elif not isinstance(data, Dataset):
         data = load_data(data, model, limit=1000, seed=seed)
-    feeds, labels = data.arrays()
-    for name, arr in feeds.items():
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            bad = int(arr.size - np.isfinite(arr).sum())
-            samples = int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum())
-            raise DataError(f"calibration data for input '{name}' holds {bad} NaN or Inf value(s) in {samples} of "
-                            f"{len(arr)} samples; clean or drop those samples")
+    bad: dict[str, list[int]] = {}  # input -> [non-finite values, samples holding one]
+    for feeds, _ in data.batches(data.batch_for(BATCH_BYTES, 1024)):
+        for name, arr in feeds.items():
+            count = bad.setdefault(name, [0, 0])
+            if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                count[0] += int(arr.size - np.isfinite(arr).sum())
+                count[1] += int((~np.isfinite(arr.reshape(len(arr), -1))).any(axis=1).sum())
+    for name, (values, samples) in bad.items():
+        if values:
+            raise DataError(f"calibration data for input '{name}' holds {values} NaN or Inf value(s) in {samples} "
+                            f"of {len(data)} samples; clean or drop those samples")
     findings = check_dataset(data, seed=seed)
     warn(findings)
-    return feeds, labels, findings.to_dict()
+    return data, data.labels, findings.to_dict()
+
+
+BATCH_BYTES = 8 << 20  # feeds read at once by the calibration data checks

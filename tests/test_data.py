@@ -273,3 +273,66 @@ def test_cli_says_which_array_feeds_the_one_input(tmp_path):
         if expected:
             assert lines[0].startswith("onnxstack: warning: ") and "'pixels' (8, 16, 12, 12)" in lines[0]
 
+
+
+# --- a .npz read a batch at a time ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["stored", "compressed"])
+@pytest.mark.parametrize("limit", [None, 7])
+def test_npz_read_lazily_equals_np_load(tmp_path, save, limit):
+    from onnxstack.npzread import StoredArray, read_npz
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((20, 3)), rng.integers(-5, 5, (20, 2)).astype(np.int32)
+    save(tmp_path / "d.npz", a=a, b=b, labels=np.arange(20) % 3, extra=np.zeros(4))
+    members = read_npz(tmp_path / "d.npz")
+    assert all(isinstance(members[k], StoredArray) == (save is np.savez) for k in ("a", "b"))
+    with np.load(tmp_path / "d.npz") as f:
+        expect = from_arrays(dict(f), TWO, limit=limit, seed=2)
+    ds = load_data(tmp_path / "d.npz", TWO, limit=limit, seed=2)
+    assert len(ds) == len(expect) == (limit or 20)
+    feeds, labels = ds.arrays()
+    want, want_labels = expect.arrays()
+    assert {k: v.dtype for k, v in feeds.items()} == {"a": np.float32, "b": np.int64}
+    for k in ("a", "b"):
+        np.testing.assert_array_equal(feeds[k], want[k])
+        np.testing.assert_array_equal(ds.take([4, 0, 0, 3, 1])[k], want[k][[4, 0, 0, 3, 1]])  # any order, repeats
+    np.testing.assert_array_equal(labels, want_labels)
+    for (f1, l1), (f2, l2) in zip(ds.batches(3, shuffle=True, seed=5), expect.batches(3, shuffle=True, seed=5)):
+        np.testing.assert_array_equal(f1["a"], f2["a"])
+        np.testing.assert_array_equal(l1, l2)
+
+
+def test_stored_rows_read_runs_of_the_file(tmp_path):
+    from onnxstack.npzread import read_npz
+
+    x = np.arange(2 * 5 * 3, dtype=">f8").reshape(10, 3)  # big-endian, as np.load would give it
+    np.savez(tmp_path / "d.npz", x=x, scalar=np.float32(1), text=np.array(["a", "b"]))
+    m = read_npz(tmp_path / "d.npz")
+    idx = np.array([9, 2, 3, 4, 0, 8, 8])
+    got = m["x"].rows(idx)
+    assert got.dtype == x.dtype and m["x"].shape == (10, 3) and m["x"].ndim == 2
+    np.testing.assert_array_equal(got, x[idx])
+    np.testing.assert_array_equal(m["x"].load(), x)
+    assert m["x"].rows(np.arange(0)).shape == (0, 3)
+    assert isinstance(m["scalar"], np.ndarray) and m["text"].shape == (2,)  # 0-d: loaded whole
+
+
+def test_stored_npz_checks_from_the_header_and_values_only_where_a_cast_overflows(tmp_path):
+    small = parse("int8[batch, 2] b", "out = Identity(b)", "int8[N, 2] out")
+    path = save_npz(tmp_path / "d.npz", b=np.array([[1, 2], [3, 300]], np.int16))
+    with pytest.raises(DataError, match=r"d.npz: data for input 'b' \(2, 2\) has values outside int8"):
+        load_data(path, small)
+    ds = load_data(save_npz(tmp_path / "e.npz", b=np.array([[1, 2], [3, -128]], np.int16)), small)
+    assert ds.arrays()[0]["b"].dtype == np.int8 and ds.arrays()[0]["b"].tolist() == [[1, 2], [3, -128]]
+    import io
+    import zipfile
+
+    npy = io.BytesIO()
+    np.save(npy, np.zeros((50, 1, 4, 4), np.float32))
+    with zipfile.ZipFile(tmp_path / "t.npz", "w") as z:  # stored; its header says 50 samples, it holds 10
+        z.writestr("x.npy", npy.getvalue()[: -40 * 16 * 4])
+    with pytest.raises(DataError, match="t.npz: not a readable .npz file .member 'x.npy' is truncated") as err:
+        load_data(tmp_path / "t.npz", GRAY)
+    assert "\n" not in str(err.value)

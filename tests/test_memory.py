@@ -78,3 +78,51 @@ def test_lean_inlined_into_standard_ops_gives_the_same_outputs(wide, forms):
     x = feeds(wide, batch=2)
     a, b = run_ort(forms["lean"], x)[0], run_ort(inlined, x)[0]
     assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()
+
+
+# --- calibration: memory stays flat in the number of images (issue 13) ------------------------------------
+
+CALIBRATE_CHILD = """
+import sys
+import numpy as np
+import onnx
+import onnxstack
+from onnxstack.data import load_data
+
+model = onnx.load(sys.argv[1])
+before = {k: int(v.split()[0]) for k, v in (l.split(':') for l in open('/proc/self/status')) if k in ('VmHWM', 'VmRSS')}
+result = onnxstack.compress(model, onnxstack.CompressConfig(slice_dim=8), data=load_data(sys.argv[2], model))
+assert result.report['calibrated'] and result.report['data_check']['samples'] == int(sys.argv[3])
+peak = {k: int(v.split()[0]) for k, v in (l.split(':') for l in open('/proc/self/status')) if k == 'VmHWM'}
+print(peak['VmHWM'] * 1024, before['VmRSS'] * 1024)
+"""
+
+
+def _calibration_peak(tmp_path, model, n: int) -> tuple[int, int]:
+    """(peak resident bytes, resident bytes before compress) of a fresh process compressing `model` on n
+    stored samples of 1x64x64 float32 (a .npz np.savez wrote)."""
+    import subprocess
+
+    x = np.random.default_rng(n).standard_normal((n, 1, 64, 64)).astype(np.float32)
+    data = tmp_path / f"calib{n}.npz"
+    np.savez(data, input=x)
+    del x
+    model_path = tmp_path / "model.onnx"
+    onnx.save(model, model_path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", CALIBRATE_CHILD, str(model_path), str(data), str(n)], env=env,
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak, before = map(int, out.stdout.split())
+    return peak, before
+
+
+def test_calibration_memory_stays_flat_in_the_number_of_images(tmp_path):
+    """2,000 samples (33 MB on file) peak within a few MB of 200: the .npz is read a batch at a time by the
+    data checks and the walk, never held whole."""
+    model = conv_model([{"in": 1, "out": 8, "pads": [1] * 4}, {"out": 8, "pads": [1] * 4}], hw=(64, 64))
+    small, _ = _calibration_peak(tmp_path, model, 200)
+    large, _ = _calibration_peak(tmp_path, model, 2000)
+    assert large - small < 15 * MB, ((large - small) / MB, small / MB, large / MB)

@@ -142,3 +142,34 @@ def test_target_ratio_lands_below_opset_13_where_int_layers_cannot_be_stored(mon
     result = onnxstack.compress(model, CompressConfig(slice_dim=8), data=feeds, target_ratio=6)
     assert all(a["representation"] in ("binary", "float") for a in result.report["allocation"].values())
     assert abs(result.report["conv_ratio"] / 6 - 1) <= 0.15
+
+
+def test_walk_on_a_dataset_gives_the_stats_of_the_walk_on_its_arrays(monkeypatch, tmp_path):
+    """A Dataset (here a stored .npz, read a batch at a time) is spilled batch by batch at the first cut: the
+    same batches, the same statistics, bit for bit."""
+    from onnxstack.data import load_data
+
+    model = residual_model()
+    config = CompressConfig(slice_dim=8, codebook_size=16, calibration_positions=20)
+    infos = [i for i in analyse(model, config) if i.eligible]
+    x = np.random.default_rng(3).standard_normal((45, 8, 10, 10))
+    np.savez(tmp_path / "d.npz", input=x)  # float64 on file, cast to float32 batch by batch
+    monkeypatch.setattr(calibrate, "BATCH_BYTES", 8 * 100 * 4 * 16)  # batches of 16: three, the last short
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def walk(feeds):
+        out = []
+        with Walk(model, infos, feeds, config, sequential=True) as w:
+            assert (w.n, w.batch) == (45, 16)
+            for info, stats in w:
+                out.append(stats)
+                w.install(info, plan_layer(info, weights[info.weight_name], config))
+        return out
+
+    dataset = load_data(tmp_path / "d.npz", model)
+    on_arrays, on_dataset = walk({"input": x.astype(np.float32)}), walk(dataset)
+    assert len(on_arrays) == len(on_dataset) == 4
+    for a, b in zip(on_arrays, on_dataset):
+        assert a.n == b.n
+        for u, v in zip(a.centred(), b.centred()):
+            np.testing.assert_array_equal(u, v)
