@@ -67,8 +67,9 @@ def conv_bits(model: onnx.ModelProto) -> int:
             for i in producers[name].input:
                 count(i)
 
-    def stored(name):
-        return name in inits or (name in producers and producers[name].op_type == "DequantizeLinear")
+    def stored(name):  # a stored tensor, or one dequantized from a stored tensor (not a quantized activation)
+        p = producers.get(name)
+        return name in inits or (p is not None and p.op_type == "DequantizeLinear" and p.input[0] in inits)
 
     for node in model.graph.node:
         if node.domain in ("", "ai.onnx") and node.op_type == "Conv":
@@ -116,12 +117,14 @@ def binary_weight_baseline(model: onnx.ModelProto, config: onnxstack.CompressCon
     """sign(W) * mean|W| per filter on the layers onnxstack compresses (32x on those weights).
     Returns (model with the binarised float weights, conv bits as stored in 1-bit form)."""
     from onnxstack.analyse import analyse
+    from onnxstack.normalise import normalise
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    out = normalise(out)  # fully connected layers lifted to 1x1 Convs, as onnxstack compresses them
     inits = {t.name: t for t in out.graph.initializer}
     total = conv_bits(model)
-    for info in analyse(model, config):
+    for info in analyse(out, config):
         if not info.eligible:
             continue
         w = numpy_helper.to_array(inits[info.weight_name])

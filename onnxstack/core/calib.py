@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .conv import resolve_pads
-from .fit import BinaryFit, _to_float16_range, ceil_div, decode, fit_binary_codebook, to_slices
+from .fit import F16_MAX, BinaryFit, _to_float16_range, ceil_div, decode, fit_binary_codebook, to_slices
 
 
 def output_size(in_hw, kernel, strides, pads, dilations):
@@ -296,7 +296,7 @@ def _sequential_pass(metric: OutputMetric, B, terms):
             Zq = Z[idx[:, j]]  # (N, k, D)
             gram = np.einsum("nqd,nrd->nqr", Zq, Zq) + 1e-9 * np.eye(terms)
             alpha[:, j] = solve_small(gram, np.einsum("nqd,nd->nq", Zq, Y)[..., None])[..., 0]
-        alpha[:, j] = alpha[:, j].astype(np.float16)
+        alpha[:, j] = np.clip(alpha[:, j], -F16_MAX, F16_MAX).astype(np.float16)  # as stored
         targets[:, j] = Wc[:, jb]
         E = Wc[:, jb] - np.einsum("nq,nqd->nd", alpha[:, j], B[idx[:, j]])
         Wc[:, (j + 1) * D:] -= E @ Linv @ U[jb, (j + 1) * D:]
