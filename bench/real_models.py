@@ -677,14 +677,19 @@ def markdown(results: dict, tasks_: dict, total_s: float | None = None, runs: di
             dirty = " (with uncommitted changes)" if commit.endswith("(with uncommitted changes)") else ""
             lines.append(f"Measured at commit {commit[:12]}{dirty}, {runs[name]['date']}; this model took "
                          f"{info.get('seconds', 0) / 60:.1f} min.")
-            added = runs[name].get("added_rows")
-            if added:
+            for added in _added(runs[name]):
                 lines.append(f"Rows whose method contains {', '.join(repr(o) for o in added['only'])} re-measured at "
-                             f"commit {added['commit'][:12]}, {added['date']} (the other rows are the run above's).")
+                             f"commit {added['commit'][:12]}, {added['date']} (later lines replace earlier ones).")
         lines.append("")
     if total_s is not None:
         lines.append(f"Whole run: {total_s / 60:.1f} min on this machine.")
     return "\n".join(lines).rstrip()
+
+
+def _added(run: dict) -> list[dict]:
+    """The --only re-runs of a model, oldest first (one dict before they were kept as a list)."""
+    added = run.get("added_rows") or []
+    return [added] if isinstance(added, dict) else list(added)
 
 
 def issue_bar(rows: list, primary: str) -> str:
@@ -781,8 +786,9 @@ def write(results: dict, all_tasks: dict, total: float, args) -> None:
             merged[name] = with_drops(info, all_tasks[name].primary) if "rows" in info else info
         merged = {name: merged[name] for name in all_tasks if name in merged}
         runs = {**old.get("runs", {}), **{name: env for name in results}} if not args.only else \
-            {**old.get("runs", {}), **{name: {**old.get("runs", {}).get(name, env), "added_rows": {
-                "commit": env["commit"], "date": env["date"], "only": args.only}} for name in results}}
+            {**old.get("runs", {}), **{name: {**old.get("runs", {}).get(name, env), "added_rows": [
+                *_added(old.get("runs", {}).get(name, {})),
+                {"commit": env["commit"], "date": env["date"], "only": args.only}]} for name in results}}
         write_results("real_models", {"runs": runs, "results": merged},  # commits are per model, in runs
                       markdown(merged, all_tasks, None, runs), stamp=False)
 
