@@ -104,9 +104,10 @@ def evaluate(original, compressed=None, data: Dataset | None = None, *, batch_si
         sessions = [open_session(m, threads=threads) for m in models]
     latency = [_latency(s, first, latency_runs) for s in sessions]
     del sessions
-    mem = [session_memory(m, first, threads=threads) if memory else None for m in models]
-    result = _result(totals, layers, probed, models, [original, compressed][:len(models)], latency, mem,
-                     batch_size, threads, data.labels is not None)
+    sources = [original, compressed][:len(models)]
+    mem = [session_memory(_file(s) or m, first, threads=threads) if memory else None for m, s in zip(models, sources)]
+    result = _result(totals, layers, probed, models, sources, latency, mem, batch_size, threads,
+                     data.labels is not None)
     return {**result, **task_result(kind, per_task, len(models) == 2)}
 
 
@@ -340,11 +341,15 @@ def _result(t: _Totals, layers: list[dict], probed: list[str], models: list[onnx
     }
 
 
+def _file(source) -> str | None:
+    """The model's file, when it was given as a path (its external data beside it): read as it is."""
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) and os.path.isfile(source) else None
+
+
 def _size(model: onnx.ModelProto, source) -> int:
     """Bytes of the model file (the serialised size for a ModelProto)."""
-    if isinstance(source, (str, os.PathLike)) and os.path.isfile(source):
-        return os.path.getsize(source)
-    return model.ByteSize()
+    path = _file(source)
+    return os.path.getsize(path) if path else model.ByteSize()
 
 
 def _conv_ratio(model: onnx.ModelProto) -> float | None:

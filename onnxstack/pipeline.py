@@ -233,7 +233,7 @@ TARGET_TOLERANCE = 1.15  # a target ratio lands within 15% (above it only when t
 
 def int4_opset(model: onnx.ModelProto, config: CompressConfig, searching: bool) -> tuple[onnx.ModelProto, dict]:
     """int4 weights need DequantizeLinear of opset 21. Where int4 is in play (a settings search, whose ladder
-    offers int4 per layer, or int_bits=4 asked for) and the model is older, it is upgraded to 21 when
+    offers int4 per layer, or a layer override asking for representation "int4") and the model is older, it is upgraded to 21 when
     onnx's converter can and the outputs stay the same on a random input; else it stays, int4 is not
     offered, and the record says why."""
     from .fitters import INT4_MIN_OPSET

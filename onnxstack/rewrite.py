@@ -126,11 +126,11 @@ def rewrite(model: onnx.ModelProto, layers: list[tuple[ConvInfo, LayerPlan | Int
     if before:
         replace_nodes(graph, [n for i, node in enumerate(graph.node) for n in (*before.get(i, ()), node)])
     _drop_unused_initializers(graph, {p.weight_name for _, p in layers} | {i.bias_name for i, _ in layers if i.bias_name})
-    forms = sorted({n.overload for n in graph.node if n.domain == op.DOMAIN and n.op_type == op.OP_TYPE})
+    overloads = sorted({n.overload for n in graph.node if n.domain == op.DOMAIN and n.op_type == op.OP_TYPE})
     del out.functions[:]
     out.functions.extend([f for f in model.functions if f.domain != op.DOMAIN])
-    out.functions.extend(op.make_function(form, opset) for form in forms)
-    if forms and not any(i.domain == op.DOMAIN for i in out.opset_import):
+    out.functions.extend(op.make_function(name, opset) for name in overloads)
+    if overloads and not any(i.domain == op.DOMAIN for i in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid(op.DOMAIN, op.VERSION))
     out.ir_version = max(out.ir_version, MIN_IR_VERSION)
     existing = {p.key for p in out.metadata_props}
