@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -38,7 +38,7 @@ from .plan import LayerPlan
 from .report import SUMMARY_KEYS, already_compressed, build_report
 from .rest import store_rest
 from .rewrite import rewrite
-from .search import Candidates, hold_out, layer_candidates_all, search_ratio
+from .search import Candidates, end_to_end, hold_out, layer_candidates_all, search_ratio
 
 log = logging.getLogger("onnxstack")
 
@@ -65,6 +65,7 @@ class Settings:
     record: dict = field(default_factory=dict)
     feeds: object = None  # the calibration feeds the fit uses: a Dataset (default path) or arrays (a search
     # has read them; less a held-out part under max drop)
+    alternatives: tuple = ()  # (label, config, allocation table): allocations to build and measure end to end
 
 
 def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | None = None,
@@ -83,8 +84,7 @@ def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | 
     feeds, labels, data_check = calibration_data(data, model, config.seed) if data is not None else (None, None, None)
     settings = allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, source.original_bytes,
                               progress)
-    plans = fit_stage(model, settings, progress)
-    out, report = assemble(model, settings.infos, plans, settings.config, source.original_bytes)
+    settings, plans, out, report = build_stage(model, settings, source.original_bytes, progress)
     report.update({"calibrated": feeds is not None, **settings.record})
     target = settings.record.get("target_ratio")
     if target and report["conv_ratio"] > TARGET_TOLERANCE * target:
@@ -182,11 +182,53 @@ def allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, 
             s = Settings(cfg, analyse(model, cfg), candidates, feeds=feeds)
             return assemble(model, s.infos, fit_stage(model, s), cfg, original_bytes)
         target_ratio, record["search"] = search_ratio(model, candidates, held_out, config, max_drop, build)
-    config, record["allocation"] = candidates.settings(config, target_ratio)
     record["target_ratio"] = target_ratio
+    if max_drop is not None:  # the search has measured its ratios end to end already
+        config, record["allocation"] = candidates.settings(config, target_ratio)
+        alternatives = ()
+    else:
+        alternatives = tuple((label, *candidates.apply(config, choice)) for label, choice in candidates.choices(target_ratio))
+        _, config, record["allocation"] = alternatives[0]
     infos = analyse(model, config)
     check_codebook_sizes(infos, config)
-    return Settings(config, infos, candidates, record, feeds)
+    return Settings(config, infos, candidates, record, feeds, alternatives if len(alternatives) > 1 else ())
+
+
+CHECK_SAMPLES = 128  # calibration samples the allocation check measures the built alternatives on
+
+
+def build_stage(model, settings: Settings, original_bytes, progress: Progress | None = None):
+    """(settings, plans, model, report): the fit, rewrite and report stages. Where the allocate stage left
+    alternative allocations (search.Candidates.choices), each is built and measured end to end on up to
+    CHECK_SAMPLES calibration samples (search.end_to_end), and the one whose outputs move least is kept;
+    the report's "allocation_check" lists them all."""
+    if not settings.alternatives:
+        plans = fit_stage(model, settings, progress)
+        return (settings, plans, *assemble(model, settings.infos, plans, settings.config, original_bytes))
+    from .runtime import run_batches
+
+    feeds = {k: v[:CHECK_SAMPLES] for k, v in settings.feeds.items()}
+    names = [o.name for o in model.graph.output]
+    reference = list(run_batches(model, names, feeds))
+    best, rows = None, []
+    for label, config, table in settings.alternatives:
+        s = replace(settings, config=config, infos=analyse(model, config), alternatives=(),
+                    record={**settings.record, "allocation": table})
+        plans = fit_stage(model, s, progress)
+        out, report = assemble(model, s.infos, plans, config, original_bytes)
+        moved = end_to_end(reference, run_batches(out, names, feeds))
+        rows.append({"allocation": label, "conv_ratio": report["conv_ratio"],
+                     **{k: v for k, v in moved.items() if k != "measure"}})
+        log.info("allocation check: %s -> %.2fx, %s", label, report["conv_ratio"],
+                 ", ".join(f"{k} {v:.4g}" for k, v in moved.items() if isinstance(v, float)))
+        if best is None or moved["rank"] < best[0]["rank"]:
+            best = (moved, s, plans, out, report)
+    for row in rows:
+        row["kept"] = row.pop("rank") == best[0]["rank"] and not any(r.get("kept") for r in rows)
+    _, s, plans, out, report = best
+    s.record["allocation_check"] = {"samples": len(next(iter(feeds.values()))), "measure": best[0]["measure"],
+                                    "tried": rows}
+    return s, plans, out, report
 
 
 def fit_stage(model, settings: Settings, progress: Progress | None = None) -> list[tuple[ConvInfo, LayerPlan | None]]:

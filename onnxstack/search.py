@@ -46,6 +46,8 @@ MAX_CODEBOOK_BYTES = 64 << 20  # the codebook update's (m, D, D) float64 metric
 MAX_FIT_MACS = 4e9  # multiply-adds of one candidate's fit (weights x codewords x terms)
 REFERENCE_RATIO = 32  # the candidate whose end-to-end damage measures a layer's sensitivity
 SENSITIVITY_SAMPLES = 64
+DOMINANT_SHARE = 0.25  # a layer whose chosen setting takes this share of the budget has its other
+MAX_ALTERNATIVES = 3  # representations built and measured end to end (at most this many allocations more)
 
 
 @dataclass(frozen=True)
@@ -237,18 +239,51 @@ class Candidates:
         """The highest conv ratio the candidates reach (every layer at its smallest setting)."""
         return self.total_bits / (self.fixed_bits + sum(min(c.bits for c in cs) for cs in self.per_layer.values()))
 
-    def settings(self, config: CompressConfig, target_ratio: float) -> tuple[CompressConfig, dict]:
-        """Per-layer overrides reaching `target_ratio` with the least summed damage, and the choice table."""
+    def budget(self, target_ratio: float) -> float:
         budget = self.total_bits / target_ratio - self.fixed_bits
         if budget <= 0:
             raise ConfigError(f"target ratio {target_ratio:g} is out of reach: the layers left dense alone "
                               f"take {self.fixed_bits} of the {self.total_bits / target_ratio:.0f} bits it allows")
-        choice = allocate(self.per_layer, budget)
+        return budget
+
+    def settings(self, config: CompressConfig, target_ratio: float) -> tuple[CompressConfig, dict]:
+        """Per-layer overrides reaching `target_ratio` with the least summed damage, and the choice table."""
+        return self.apply(config, allocate(self.per_layer, self.budget(target_ratio)))
+
+    def apply(self, config: CompressConfig, choice: dict[str, Candidate]) -> tuple[CompressConfig, dict]:
+        """The config with `choice` as per-layer overrides, and the choice table of the report."""
         table = {name: {"representation": c.representation, "slice_dim": c.slice_dim or None, "codebook_size": c.codebook_size or None,
                         "terms": c.terms or None, "dense": c.dense, "bits": c.bits, "damage": c.damage,
                         "candidates": len(self.per_layer[name]), "sensitivity": self.sensitivity.get(name)}
                  for name, c in choice.items()}
         return overrides_for(choice, config), table
+
+    def choices(self, target_ratio: float) -> list[tuple[str, dict[str, Candidate]]]:
+        """The allocation of least summed damage, then up to MAX_ALTERNATIVES others worth building and
+        measuring end to end: where one layer's choice takes DOMINANT_SHARE or more of the budget, that
+        layer in each other stored representation, the rest allocated again around it.
+
+        Summed damage is a model: it misjudges where one layer holds most of the bits, since the layers'
+        errors do not add (the sequential fit corrects later layers for earlier ones) and output error is not
+        the task's metric (bench/results/allocation_probe.md: OCR at 8x, summed damage 0.0225 for 66 % of
+        strings kept, 0.0428 for 88 %)."""
+        budget = self.budget(target_ratio)
+        first = allocate(self.per_layer, budget)
+        out = [("least summed damage", first)]
+        for name, c in sorted(first.items(), key=lambda kv: -kv[1].bits):
+            if c.bits < DOMINANT_SHARE * budget:
+                break
+            for rep in ("int4", "int8", "binary"):
+                options = [x for x in self.per_layer[name] if x.representation == rep]
+                if rep == c.representation or not options:
+                    continue
+                try:
+                    alt = allocate({**self.per_layer, name: options}, budget)
+                except ConfigError:  # that representation alone does not fit the budget
+                    continue
+                if all(alt != other for _, other in out):
+                    out.append((f"{name} as {rep}", alt))
+        return out[: 1 + MAX_ALTERNATIVES]
 
 
 def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],
@@ -343,3 +378,47 @@ def hold_out(feeds, labels, seed):
     calib, held = np.sort(order[n // 4:]), np.sort(order[: n // 4])
     return ({k: v[calib] for k, v in feeds.items()},
             ({k: v[held] for k, v in feeds.items()}, labels[held] if labels is not None else None))
+
+
+def end_to_end(reference, outputs) -> dict:
+    """How far a compressed model's outputs moved from the original's, over batches: `reference` and
+    `outputs` iterate the same batches as {output name: array}.
+
+    output_rel_mse: sum (a - b)^2 / sum (b - mean b)^2, summed over the float outputs (a compressed,
+    b original); argmax_disagreement: on the first float output that holds scores over its last axis, the
+    share of positions whose argmax over that axis changed: (B, K) and (B, K, 1, 1) logits (top-1 of a
+    classifier), and rank-3 outputs whose last axis is the longest ((T, N, C) or (B, T, C) symbol scores of
+    a sequence model; a detector's (B, A, 5+C) rows are not scores). rank orders alternatives: the
+    disagreement first where there is one (what classifier and sequence users read), the squared error
+    after it."""
+    sq, flips, positions = {}, 0, 0
+    scores = None
+    for ref, got in zip(reference, outputs):
+        for name, b in ref.items():
+            if not np.issubdtype(b.dtype, np.floating):
+                continue
+            a = got[name].astype(np.float64)
+            b = b.astype(np.float64)
+            e, s1, s2, n = sq.get(name, (0.0, 0.0, 0.0, 0))
+            sq[name] = (e + float(np.sum((a - b) ** 2)), s1 + float(b.sum()), s2 + float(np.sum(b * b)), n + b.size)
+            if scores is None and _scores_last(b):
+                scores = name
+            if name == scores:
+                a2, b2 = a.reshape(-1, b.shape[1]) if b.ndim != 3 else a, b.reshape(-1, b.shape[1]) if b.ndim != 3 else b
+                flips += int(np.sum(a2.argmax(-1) != b2.argmax(-1)))
+                positions += b2.size // b2.shape[-1]
+    mse = sum(e / max(s2 - s1 * s1 / n, 1e-30) for e, s1, s2, n in sq.values())
+    out = {"output_rel_mse": float(mse)}
+    if positions:
+        out["argmax_disagreement"] = flips / positions
+    out["measure"] = "argmax disagreement, then output relative squared error" if positions else \
+        "output relative squared error"
+    out["rank"] = (out.get("argmax_disagreement", 0.0), out["output_rel_mse"])
+    return out
+
+
+def _scores_last(y: np.ndarray) -> bool:
+    """Does `y` hold class or symbol scores over its last axis (its axis 1 for (B, K, 1, 1) logits)?"""
+    if y.ndim == 3:
+        return y.shape[-1] >= 2 and y.shape[-1] == max(y.shape)
+    return y.ndim >= 2 and y.shape[1] >= 2 and all(d == 1 for d in y.shape[2:])
