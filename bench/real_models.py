@@ -787,7 +787,8 @@ def write(results: dict, all_tasks: dict, total: float, args) -> None:
         merged = {name: merged[name] for name in all_tasks if name in merged}
         runs = {**old.get("runs", {}), **{name: env for name in results}} if not args.only else \
             {**old.get("runs", {}), **{name: {**old.get("runs", {}).get(name, env), "added_rows": [
-                *_added(old.get("runs", {}).get(name, {})),
+                *[a for a in _added(old.get("runs", {}).get(name, {}))  # a run saves after every row: one line a run
+                  if (a["commit"], a["only"]) != (env["commit"], args.only)],
                 {"commit": env["commit"], "date": env["date"], "only": args.only}]} for name in results}}
         write_results("real_models", {"runs": runs, "results": merged},  # commits are per model, in runs
                       markdown(merged, all_tasks, None, runs), stamp=False)

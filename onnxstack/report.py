@@ -141,7 +141,21 @@ def format_table(report: dict) -> str:
     lines += [f"* {e['name']}: {e['fallback']}" for e in report["layers"] if "fallback" in e]
     lines += [f"! {e['name']}: {e['data_warning']}" for e in report["layers"] if "data_warning" in e]
     lines += rest_lines(rest)
+    lines += check_lines(report.get("allocation_check"))
     return "\n".join(lines)
+
+
+def check_lines(check: dict | None) -> list[str]:
+    """The allocations the target-ratio search built and measured end to end, and which one it kept."""
+    if not check:
+        return []
+    lines = [f"allocation check: {len(check['tried'])} allocations built and run on {check['samples']} calibration "
+             f"samples, ranked by {check['measure']}:"]
+    for t in check["tried"]:
+        flips = f", argmax disagreement {t['argmax_disagreement']:.4f}" if "argmax_disagreement" in t else ""
+        lines.append(f"  {'kept' if t['kept'] else '    '} {t['allocation']}: {t['conv_ratio']:.2f}x, "
+                     f"output error {t['output_rel_mse']:.4g}{flips}")
+    return lines
 
 
 def headline(report: dict) -> str:

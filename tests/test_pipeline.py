@@ -300,3 +300,69 @@ def test_search_mixes_int8_where_it_pays_and_says_so():
     assert "int8" in reps.values()  # 4x is int8's ratio: the cheapest way to keep the outputs
     assert all(alloc[name]["representation"] == rep for name, rep in reps.items() if name in alloc)
     assert all(a["sensitivity"] is not None and a["sensitivity"] > 0 for a in alloc.values())
+
+
+def test_end_to_end_counts_flips_on_score_outputs_and_squared_error_elsewhere():
+    from onnxstack.search import end_to_end
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((10, 5)).astype(np.float32)
+    moved = logits.copy()
+    moved[:3] = moved[:3, ::-1]  # three rows' argmax changes (their max moves to another column)
+    flipped = int(np.sum(moved.argmax(1) != logits.argmax(1)))
+    got = end_to_end([{"y": logits[:6]}, {"y": logits[6:]}], [{"y": moved[:6]}, {"y": moved[6:]}])
+    assert got["argmax_disagreement"] == pytest.approx(flipped / 10) and flipped > 0
+    expect = np.sum((moved - logits) ** 2) / np.sum((logits - logits.mean()) ** 2)
+    assert got["output_rel_mse"] == pytest.approx(expect, rel=1e-6)
+    assert got["rank"] == (got["argmax_disagreement"], got["output_rel_mse"])
+    image = rng.standard_normal((4, 1, 6, 6))  # a dense map: no argmax, squared error alone
+    dense = end_to_end([{"y": image}], [{"y": image + 0.1}])
+    assert "argmax_disagreement" not in dense and dense["rank"][0] == 0.0 and dense["output_rel_mse"] > 0
+    seq = rng.standard_normal((12, 4, 30))  # (T, N, C) symbol scores: argmax over C per step
+    assert end_to_end([{"y": seq}], [{"y": seq}])["argmax_disagreement"] == 0.0
+
+
+def test_choices_try_the_dominant_layer_in_its_other_representations():
+    from onnxstack.search import Candidate, Candidates
+
+    def ladder(scale):  # int8, int4, two binary settings and float, bits and damages in proportion
+        return [Candidate(0, 0, 0, 8 * scale, 0.001, "int8"), Candidate(0, 0, 0, 4 * scale, 0.01, "int4"),
+                Candidate(16, 64, 2, 2 * scale, 0.02), Candidate(16, 64, 1, scale, 0.05),
+                Candidate(0, 0, 0, 32 * scale, 0.0, "float")]
+
+    big = Candidates({"big": ladder(1000), "small": ladder(10)}, fixed_bits=0, total_bits=32 * 1010)
+    choices = big.choices(8)
+    first = choices[0][1]
+    assert choices[0][0] == "least summed damage"
+    others = {label: c for label, c in choices[1:]}
+    assert others and all(label.startswith("big as ") for label in others)
+    assert all(c["big"].representation != first["big"].representation for c in others.values())
+    assert all(sum(x.bits for x in c.values()) <= 32 * 1010 / 8 for _, c in choices)  # each within the budget
+    even = Candidates({"a": ladder(100), "b": ladder(100), "c": ladder(100), "d": ladder(100), "e": ladder(100)},
+                      fixed_bits=0, total_bits=32 * 500)
+    assert len(even.choices(8)) == 1  # no layer takes a quarter of the budget: nothing else to build
+
+
+def test_allocation_check_keeps_the_alternative_that_moves_the_outputs_least(monkeypatch):
+    from onnxstack import pipeline
+
+    model = conv_model([{"in": 16, "out": 32, "pads": [1, 1, 1, 1]}, {"out": 64, "pads": [1, 1, 1, 1]}], hw=(8, 8))
+    feeds = _feeds(model, 32)
+    real = pipeline.end_to_end
+    calls = []
+
+    def rigged(reference, outputs):  # the last alternative built is declared best, whatever it measures
+        got = real(reference, outputs)
+        calls.append(got)
+        return {**got, "rank": (-len(calls), 0.0)}
+
+    monkeypatch.setattr(pipeline, "end_to_end", rigged)
+    report = onnxstack.compress(model, CompressConfig(), data=feeds, target_ratio=8).report
+    check = report["allocation_check"]
+    assert len(check["tried"]) == len(calls) >= 2 and check["samples"] == 32
+    assert [t["kept"] for t in check["tried"]] == [False] * (len(calls) - 1) + [True]
+    kept = check["tried"][-1]
+    assert report["conv_ratio"] == pytest.approx(kept["conv_ratio"])
+    reps = {e["name"]: e.get("representation", "binary") for e in report["layers"]}
+    assert all(reps[name] == a["representation"] for name, a in report["allocation"].items() if not a["dense"])
+    assert kept["allocation"].split(" as ")[-1] in {a["representation"] for a in report["allocation"].values()}

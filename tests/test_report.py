@@ -95,3 +95,17 @@ def test_conv_totals_are_what_the_file_stores(case):
     assert (report["conv_bits_original"], report["conv_bits_compressed"]) == (before, after)
     assert report["compressed_bytes"] == result.model.ByteSize()
     assert report["conv_ratio"] == pytest.approx(before / after)
+
+
+def test_table_lists_the_allocation_check_and_marks_the_kept_one():
+    from onnxstack.report import check_lines
+
+    check = {"samples": 64, "measure": "argmax disagreement, then output relative squared error",
+             "tried": [{"allocation": "least summed damage", "conv_ratio": 8.3, "output_rel_mse": 0.02,
+                        "argmax_disagreement": 0.04, "kept": False},
+                       {"allocation": "Gemm_97 as int4", "conv_ratio": 8.0, "output_rel_mse": 0.003,
+                        "argmax_disagreement": 0.007, "kept": True}]}
+    lines = check_lines(check)
+    assert "2 allocations built and run on 64 calibration samples" in lines[0]
+    assert lines[2].strip().startswith("kept Gemm_97 as int4: 8.00x") and "kept" not in lines[1]
+    assert check_lines(None) == []
