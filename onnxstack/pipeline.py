@@ -211,10 +211,15 @@ def build_stage(model, settings: Settings, original_bytes, progress: Progress | 
     names = [o.name for o in model.graph.output]
     reference = list(run_batches(model, names, feeds))
     best, rows = None, []
-    for label, config, table in settings.alternatives:
+    n = len(settings.alternatives)
+    for i, (label, config, table) in enumerate(settings.alternatives):
         s = replace(settings, config=config, infos=analyse(model, config), alternatives=(),
                     record={**settings.record, "allocation": table})
-        plans = fit_stage(model, s, progress)
+        step = None  # one count over all the builds, each item named by the allocation it belongs to
+        if progress:
+            def step(done, total, item, i=i, label=label):
+                progress(i * total + done, n * total, f"checking allocation {i + 1}/{n} ({label}): {item}")
+        plans = fit_stage(model, s, step)
         out, report = assemble(model, s.infos, plans, config, original_bytes)
         moved = end_to_end(reference, run_batches(out, names, feeds))
         rows.append({"allocation": label, "conv_ratio": report["conv_ratio"],
