@@ -177,3 +177,36 @@ def test_walk_on_a_dataset_gives_the_stats_of_the_walk_on_its_arrays(monkeypatch
         assert a.n == b.n
         for u, v in zip(a.centred(), b.centred()):
             np.testing.assert_array_equal(u, v)
+
+
+def test_a_scalar_live_across_a_cut_keeps_its_rank():
+    """torch's x.view(x.size(0), -1) computes the batch size (a 0-d tensor) from Shape -> Gather at the top of
+    the graph; the walk spills it across every cut. It was stored 1-d (np.ascontiguousarray), and the
+    segment that reshapes with it failed in onnxruntime (EfficientNet-Lite0 with --target-ratio)."""
+    import onnxstack
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((16, 8, 3, 3)) * 0.2).astype(np.float32), "w0"),
+             numpy_helper.from_array((rng.standard_normal((16, 16, 3, 3)) * 0.1).astype(np.float32), "w1"),
+             numpy_helper.from_array((rng.standard_normal((10, 16)) * 0.3).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    nodes = [helper.make_node("Shape", ["input"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),  # 0-d, live until the Reshape
+             helper.make_node("Conv", ["input", "w0"], ["c0"], pads=[1] * 4, name="conv0"),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1] * 4, name="conv1"),
+             helper.make_node("GlobalAveragePool", ["c1"], ["pool"]),
+             helper.make_node("Unsqueeze", ["batch", "axes"], ["batch1"]),
+             helper.make_node("Concat", ["batch1", "minus_one"], ["target"], axis=0),
+             helper.make_node("Reshape", ["pool", "target"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "fc"], ["logits"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "view", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8, 6, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"input": rng.standard_normal((40, 8, 6, 6)).astype(np.float32)}
+    result = onnxstack.compress(model, CompressConfig(slice_dim=8), data=feeds, target_ratio=4)
+    assert result.report["layers_compressed"] >= 2
+    out = runtime.open_session(result.model).run(None, {"input": feeds["input"][:3]})[0]
+    assert out.shape == (3, 10)
