@@ -50,7 +50,8 @@ from onnxstack.api import open_session  # noqa: E402
 from onnxstack.core import cost  # noqa: E402
 from onnxstack.runtime import session_memory  # noqa: E402
 
-FORMS = {"default": "auto", "dense": "dense", "lean": "lean", "stacked": "stacked"}
+FORMS = {"default": "auto", "speed": "speed", "dense": "dense", "lean": "lean", "stacked": "stacked"}
+MEMORY_REPEATS = 3  # session memory of one model moves by several % between processes: the median of 3
 VARIANTS = ("original", *FORMS)
 SWEEP_GEOMETRIES = [  # (N, C, k, stride, H): typical ResNet / VGG layers
     (64, 64, 3, 1, 56), (128, 128, 3, 1, 28), (256, 256, 3, 1, 14), (512, 512, 3, 1, 7), (512, 512, 3, 1, 14),
@@ -187,6 +188,7 @@ def bench_model(name: str, args) -> dict | None:
         entry["forms"][label] = {"compress_s": time.perf_counter() - start,
                                  "layers_stacked": sum(e["execution"] == "stacked" for e in layers),
                                  "layers_dense": sum(e["execution"] == "dense" for e in layers),
+                                 "layers_lean": sum(e["execution"] == "lean" for e in layers),
                                  "layers_skipped": len(result.report["layers"]) - len(layers),
                                  "conv_ratio": result.report["conv_ratio"]}
         entry["predicted_macs"][label] = predicted_macs(geometry, result.report)
@@ -194,7 +196,9 @@ def bench_model(name: str, args) -> dict | None:
     entry["optimized_ops"] = {label: optimized_ops(variants[label]) for label in ("original", "default")}
     entry["default_decode_ops_left"] = decode_ops_left(entry["optimized_ops"]["default"])
     one = random_feeds(original, 1)
-    entry["memory_bytes"] = {label: session_memory(model, one) for label, model in variants.items()}
+    entry["memory_samples"] = {label: [session_memory(model, one) for _ in range(MEMORY_REPEATS)]
+                               for label, model in variants.items()}
+    entry["memory_bytes"] = {label: int(np.median(v)) if all(v) else None for label, v in entry["memory_samples"].items()}
     print(f"  {name} session memory: " + ", ".join(f"{label} {v / 2**20:.0f} MB" for label, v in
                                                     entry["memory_bytes"].items() if v), flush=True)
     entry["latency"] = {}
@@ -328,27 +332,38 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
              f"variant's ratio to it (median over rounds of the two times in the same round); "
              f"{meta['environment']['cpus']} CPUs, load average "
              f"{meta['load_before'][0]:.1f} before / {meta['load_after'][0]:.1f} after. Default settings (d={onnxstack.CompressConfig().slice_dim}, "
-             "automatic m, no data); 'default' runs each layer in the form the cost model picks. Predicted: MAC "
+             "automatic m, no data); 'default' (execution auto) runs each layer in the faster form by the cost model, "
+             "then lean for the layers with the fewest output pixels until the predicted session memory is at most "
+             "the original's; 'speed' is the faster form alone. Predicted: MAC "
              "ratio to the original by the cost model. 'Decode left': nodes of the decode (BitShift, Gather, MatMul "
              "of the terms, If) in onnxruntime's optimised graph of the default model; 0 means every dense layer's "
              "weight was constant-folded at session start, so the layers run the original's Conv kernels (lifted "
              "fully connected layers run as 1x1 Convs).", "",
-             "| model | threads | batch | original ms | default | dense | lean | stacked | predicted default / stacked | "
-             "layers stacked by default | decode left |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| model | threads | batch | original ms | " + " | ".join(FORMS) + " | predicted default / stacked | "
+             "layers stacked / lean by default | decode left |",
+             "|---|---:|---:|---:|" + "---:|" * len(FORMS) + "---:|---:|---|"]
     for name, e in results.items():
         p = e["predicted_mac_ratio"]
         for key, lat in e["latency"].items():
             r = lat["ratio"]
             forms = e["forms"]["default"]
             lines.append(f"| {name} | {lat['threads']} | {lat['batch']} | {_ms(lat['stats']['original']['median_ms'])} | "
-                         + " | ".join(f"{r[f]:.2f}x" if f in r else "not timed" for f in FORMS) + " | "
+                         + " | ".join(f"{r[f]:.2f}x" if f in r else "not timed" if f in e.get("not_timed", {})
+                                      else "-" for f in FORMS) + " | "
                          f"{p['default']:.2f}x / {p['stacked']:.2f}x | "
-                         f"{forms['layers_stacked']} of {forms['layers_stacked'] + forms['layers_dense']} | "
+                         f"{forms['layers_stacked']} / {forms.get('layers_lean', 0)} of "
+                         f"{forms['layers_stacked'] + forms['layers_dense'] + forms.get('layers_lean', 0)} | "
                          f"{decode_ops_left(e['optimized_ops']['default'])} |")
+    earlier = {}
+    for name, e in results.items():
+        if e.get("measured_at"):
+            earlier.setdefault(str(e["measured_at"])[:12], []).append(name)
+    for commit, names in earlier.items():
+        lines += ["", f"Rows of {', '.join(names)}: measured at commit {commit}, an earlier run (before the 'speed' "
+                      "form, when 'default' was the faster form alone), kept by --merge."]
     lines += ["", "Session memory (MB: a session created with default options and run once at batch 1, in a fresh "
-              "process; peak resident memory over the process's after importing onnxruntime) and its ratio to the "
-              "original's. 'dense' folds the decode into float weights at session start (the original's speed); "
+              "process, the median of " + str(MEMORY_REPEATS) + "; peak resident memory over the process's after importing "
+              "onnxruntime) and its ratio to the original's. 'dense' folds the decode into float weights at session start (the original's speed); "
               "'lean' decodes at every run and never holds a float weight (see the latency table for its cost).", "",
               "| model | original MB | " + " | ".join(FORMS) + " |", "|---|---:|" + "---:|" * len(FORMS)]
     for name, e in results.items():
@@ -386,6 +401,21 @@ def markdown(results: dict, layers: dict | None, meta: dict) -> str:
                 lines.append(f"| {r['geometry']} | {r['m']} | {r['predicted_speedup']:.2f}x | "
                              f"{r['measured_speedup']:.2f}x{flag} | {r['cost_model_picks']} |")
     return "\n".join(lines)
+
+
+def merged(results: dict) -> dict:
+    """The models run now, and the previous run's others, each of those marked with the commit it was measured at."""
+    import json
+
+    path = RESULTS / "inference_speed.json"
+    if not path.is_file():
+        return results
+    old = json.loads(path.read_text())
+    commit = (old.get("measured_at") or {}).get("commit") or "an unstamped earlier run"
+    out = {}
+    for name, entry in old.get("results", {}).items():
+        out[name] = results.get(name) or {**entry, "measured_at": entry.get("measured_at", commit)}
+    return {**out, **{k: v for k, v in results.items() if k not in out}}
 
 
 def previous_layers() -> dict | None:
@@ -432,6 +462,8 @@ def main():
     ap.add_argument("--min-seconds", type=float, default=3.0, help="timed seconds of each variant at least")
     ap.add_argument("--layer-runs", type=int, default=15, help="rounds of timed runs a one-Conv point")
     ap.add_argument("--render", action="store_true", help="only rewrite inference_speed.md from its json")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the previous results of the models not run now (each marked with its commit)")
     ap.add_argument("--no-layers", action="store_true",
                     help="skip the per-layer cost-model check (its previous results are kept, marked with their commit)")
     args = ap.parse_args()
@@ -452,6 +484,8 @@ def main():
         entry = bench_model(name, args)
         if entry is not None:
             results[name] = entry
+    if args.merge:
+        results = merged(results)
     layers = previous_layers() if args.no_layers else bench_layers(list(results), args)
     meta["load_after"] = os.getloadavg()
     md = markdown(results, layers, meta)

@@ -61,9 +61,11 @@ def default_output(model: Path) -> Path:
               help="One float16 scale per slice or per filter.")
 @click.option("-k", "--terms", type=int, default=1, show_default=True,
               help="Codewords stacked per slice (1: the paper's form; 2 halves the error for 2x index bits).")
-@click.option("--execution", type=click.Choice(["auto", "dense", "lean", "stacked"]), default="auto",
+@click.option("--execution", type=click.Choice(["auto", "speed", "dense", "lean", "stacked"]), default="auto",
               show_default=True,
-              help="How compressed layers run: auto (the faster of dense and stacked per layer), dense (weights "
+              help="How compressed layers run: auto (the faster of dense and stacked per layer, then lean for the "
+                   "layers with the fewest output pixels until the predicted session memory is at most the "
+                   "original's), speed (the faster form per layer, more memory than the original), dense (weights "
                    "decoded once when the session starts: the original's speed), lean (decoded at every run: "
                    "the least memory, slower), stacked (binary Conv + sparse merge).")
 @click.option("--skip", multiple=True, metavar="NODE", help="Conv node name to leave dense (repeatable).")

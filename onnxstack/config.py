@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 SCALE_MODES = ("slice", "filter")
-EXECUTIONS = ("auto", "dense", "lean", "stacked")
+EXECUTIONS = ("auto", "speed", "dense", "lean", "stacked")
 REPRESENTATIONS = ("binary", "int8", "int4")  # stacked binary codebook, or per-channel integers (DequantizeLinear)
 RESTS = ("float", "int8")  # how the float weights compression leaves are stored (see rest.py)
 CONFIG_VERSION = 1
@@ -44,9 +44,11 @@ class CompressConfig:
     scale: "slice" (one float16 scale per slice) or "filter" (one per output filter).
     terms: k, codewords stacked per slice (1 is the paper's form; 2 cuts the error at twice the
         index and scale bits).
-    execution: "auto" (the cost model's faster form per layer, dense or stacked), "dense" (decode once
-        at session start, then Conv: as fast as the original), "lean" (decode at every run: the least
-        memory, slower) or "stacked" (binary Conv over channel groups, then a sparse 1x1 merge).
+    execution: "auto" (the faster form per layer by the cost model, dense or stacked, then lean for the
+        layers with the fewest output pixels until the predicted session memory is at most the original's:
+        core.cost.memory_plan), "speed" (the faster form per layer, memory not considered), "dense" (decode
+        once at session start, then Conv: as fast as the original, more memory), "lean" (decode at every
+        run: the least memory, slower) or "stacked" (binary Conv over channel groups, then a sparse 1x1 merge).
     iterations: alternating assign / scale / update steps of the codebook fit.
     skip: Conv node names left dense.
     overrides: node name -> LayerOverride (its `representation` "int8" / "int4" stores that layer as

@@ -29,6 +29,7 @@ import onnx
 from . import __version__, op
 from .analyse import ConvInfo, analyse
 from .config import CompressConfig
+from .core import cost
 from .core.fit import ceil_div, slice_depth
 from .errors import ConfigError, ModelError, NothingToCompressError, OnnxstackError, one_line
 from .fitters import fit_layers
@@ -246,8 +247,35 @@ def fit_stage(model, settings: Settings, progress: Progress | None = None) -> li
     return [(info, by_node.get(info.node_index)) for info in infos]
 
 
+def memory_guard(layers: list) -> tuple[list, dict | None]:
+    """Execution "auto": the layers whose form the cost model chose dense run lean where the predicted
+    session memory would otherwise pass the original's (core.cost.memory_plan). Returns the layers and what
+    the report says of it (None when no layer's form was chosen by "auto")."""
+    plans: dict[int, LayerPlan] = {}  # one entry a stored weight (layers sharing a weight share its plan)
+    pixels: dict[int, int | None] = {}
+    for info, p in layers:
+        if isinstance(p, LayerPlan):
+            plans.setdefault(id(p), p)
+            px = [v for v in (pixels.get(id(p)), info.pixels) if v is not None]
+            pixels[id(p)] = min(px) if px else None
+    binary = list(plans.values())
+    if not any(p.auto_form for p in binary):
+        return layers, None
+    rows = [(4 * int(np.prod(p.shape)), pixels[id(p)],
+             "dense" if p.auto_form and p.execution == "dense" else "fixed" if p.execution == "dense"
+             else p.execution) for p in binary]
+    lean, predicted = cost.memory_plan(rows)
+    swap = {id(binary[j]): replace(binary[j], execution="lean") for j in lean}
+    out = [(info, swap.get(id(p), p)) for info, p in layers]
+    names = [binary[j].name for j in sorted(lean)]
+    return out, {"goal": "session memory at most the original's (predicted for the compressed layers' weights)",
+                 "predicted_original_bytes": predicted["original"], "predicted_bytes": predicted["predicted"],
+                 "lean": names}
+
+
 def assemble(model, infos, layers, config, original_bytes) -> tuple[onnx.ModelProto, dict]:
     """The rewrite and report stages: the rewritten, checked model and its report."""
+    layers, guard = memory_guard(layers)
     summary = build_report(layers, original_bytes, 0)
     metadata = {
         "onnxstack.version": __version__,
@@ -260,7 +288,10 @@ def assemble(model, infos, layers, config, original_bytes) -> tuple[onnx.ModelPr
         check_model(out, full_check=True)
     except Exception as e:  # noqa: BLE001 - a failure here is our bug, reported as such
         raise OnnxstackError(f"internal error: the rewritten model fails the ONNX checker: {one_line(e)}") from None
-    return out, {**build_report(layers, original_bytes, model_bytes(out)), "rest": rest}
+    report = {**build_report(layers, original_bytes, model_bytes(out)), "rest": rest}
+    if guard is not None:
+        report["memory_guard"] = guard
+    return out, report
 
 
 # --- checks made before any work -------------------------------------------------------------------

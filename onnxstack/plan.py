@@ -39,6 +39,7 @@ class LayerPlan:
     fitter: str = "weights"  # the fitter that made the plan (see fitters.py)
     fallback: str | None = None  # why that fitter, when it is not the one the options asked for
     data_warning: str | None = None  # why the calibration data cannot pin this layer down (dataquality.py)
+    auto_form: bool = False  # execution "auto" chose the form: the memory guard may run it lean (pipeline.py)
 
     def with_fit(self, fit: BinaryFit, weight_rel_error: float, bias: np.ndarray | None,
                  output_rel_error: float | None = None, fitter: str | None = None) -> "LayerPlan":
@@ -169,10 +170,11 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig, *, fi
     form, note = settings.execution, None
     if form == "stacked" and info.group != 1:
         form, note = "dense", f"stacked form needs group=1 (group={info.group}); dense used"
-    if form == "auto":
+    auto = form == "auto"
+    if form in ("auto", "speed"):
         form = cost.choose_form(n_out, cg, kh, kw, slices.shape[1], d, m, info.group, pixels=info.pixels)
     return LayerPlan(
         name=info.name, weight_name=info.weight_name, shape=(n_out, cg, kh, kw), slice_dim=d,
-        codebook_size=m, scale=config.scale, execution=form, fit=result,
+        codebook_size=m, scale=config.scale, execution=form, fit=result, auto_form=auto,
         weight_rel_error=relative_error(slices, result), has_bias=info.bias_name is not None, note=note,
     )

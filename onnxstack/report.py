@@ -142,6 +142,7 @@ def format_table(report: dict) -> str:
     lines += [f"! {e['name']}: {e['data_warning']}" for e in report["layers"] if "data_warning" in e]
     lines += rest_lines(rest)
     lines += check_lines(report.get("allocation_check"))
+    lines += memory_lines(report.get("memory_guard"))
     return "\n".join(lines)
 
 
@@ -156,6 +157,19 @@ def check_lines(check: dict | None) -> list[str]:
         lines.append(f"  {'kept' if t['kept'] else '    '} {t['allocation']}: {t['conv_ratio']:.2f}x, "
                      f"output error {t['output_rel_mse']:.4g}{flips}")
     return lines
+
+
+def memory_lines(guard: dict | None) -> list[str]:
+    """What execution "auto" ran lean to keep the session's memory at most the original's."""
+    if not guard:
+        return []
+    mb = lambda b: f"{b / 1e6:.1f} MB"  # noqa: E731
+    lean = guard["lean"]
+    which = (f"{len(lean)} layer{'s' if len(lean) != 1 else ''} run lean ({', '.join(lean[:4])}"
+             f"{', ...' if len(lean) > 4 else ''})" if lean else "no layer needed to run lean")
+    return [f"memory: {which}; predicted session memory of the compressed layers' weights {mb(guard['predicted_bytes'])}"
+            f" against the original's {mb(guard['predicted_original_bytes'])} (--execution speed ignores memory; "
+            "`onnxstack evaluate` measures it)"]
 
 
 def headline(report: dict) -> str:

@@ -169,7 +169,7 @@ def test_inspect(model_path):
 
 def test_inspect_a_compressed_model(model_path, tmp_path):
     out = tmp_path / "o.onnx"
-    assert run("compress", model_path, "-o", out, "-d", "8", "--skip", "conv1", "-q").exit_code == 0
+    assert run("compress", model_path, "-o", out, "-d", "8", "--skip", "conv1", "--execution", "dense", "-q").exit_code == 0
     result = run("inspect", out)
     assert result.exit_code == 0, result.output
     assert "1 StackedBinaryConv layers (compressed by onnxstack" in result.stdout

@@ -126,3 +126,45 @@ def test_calibration_memory_stays_flat_in_the_number_of_images(tmp_path):
     small, _ = _calibration_peak(tmp_path, model, 200)
     large, _ = _calibration_peak(tmp_path, model, 2000)
     assert large - small < 15 * MB, ((large - small) / MB, small / MB, large / MB)
+
+
+# --- execution "auto": lean where the session would otherwise need more memory than the original's -----
+
+
+def test_memory_plan_runs_the_fewest_pixels_lean_first_until_the_prediction_fits():
+    from onnxstack.core import cost
+
+    mb = 1 << 20
+    # (bytes, pixels, form): two wide 3x3 layers on small maps, one early layer on a big map, an FC
+    layers = [(2 * mb, 3136, "dense"), (9 * mb, 49, "dense"), (9 * mb, 196, "dense"), (8 * mb, 1, "dense")]
+    lean, pred = cost.memory_plan(layers)
+    assert pred["predicted"] <= pred["original"]
+    assert 3 in lean and 0 not in lean  # the FC (1 pixel) before anything, the 56x56 layer last
+    assert lean == set(sorted(range(4), key=lambda i: layers[i][1])[:len(lean)])  # a prefix by pixels
+    # everything dense would pass the original's memory (the reason for the guard)
+    assert sum(cost.MEMORY_DENSE["fc" if p == 1 else "conv"] * b for b, p, _ in layers) > pred["original"]
+
+
+def test_memory_plan_keeps_forms_the_user_chose():
+    from onnxstack.core import cost
+
+    layers = [(8 << 20, 49, "fixed"), (8 << 20, 49, "stacked"), (1 << 20, 196, "dense")]
+    lean, pred = cost.memory_plan(layers)
+    assert lean == set() and pred["predicted"] <= pred["original"]  # stacked holds only packed tensors
+    lean, pred = cost.memory_plan([(8 << 20, 49, "fixed"), (1 << 20, 196, "dense")])
+    assert lean == {1} and pred["predicted"] > pred["original"]  # the user's dense layer stays, as close as it gets
+
+
+def test_default_session_needs_no_more_memory_than_the_original(wide):
+    x = feeds(wide)
+    auto = onnxstack.compress(wide)
+    speed = onnxstack.compress(wide, onnxstack.CompressConfig(execution="speed"))
+    guard = auto.report["memory_guard"]
+    assert guard["lean"] and "memory_guard" not in speed.report
+    assert {e["name"] for e in auto.report["layers"] if e.get("execution") == "lean"} == set(guard["lean"])
+    assert all(e.get("execution") != "lean" for e in speed.report["layers"])
+    original = session_memory(wide, x)
+    assert session_memory(auto.model, x) <= original < session_memory(speed.model, x), \
+        (session_memory(auto.model, x) / MB, original / MB)
+    a, b = run_ort(auto.model, x)[0], run_ort(speed.model, x)[0]
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()  # the same fit, run another way

@@ -87,3 +87,47 @@ def choose_form(n_out: int, channels: int, kh: int, kw: int, slices: int, d: int
     else:
         dense, stacked = macs_per_pixel("dense", *args), macs_per_pixel("stacked", *args)
     return "stacked" if stacked * margin < dense else "dense"
+
+
+# Session memory in onnxruntime (1.32, CPU, default options), in bytes a float32 weight byte, measured by
+# bench/fold_memory.py and bench/inference_speed.py: an original Conv's weight costs about 3 (the file's
+# copy and the reordered copy its kernel runs on), an original Gemm's 1.3; the dense form folds the decode
+# at session start and keeps each folded tensor until the session is built: 1.2-1.45x a Conv's cost
+# (1.5 is taken), about 3x a Gemm's when a fully connected layer was lifted to a 1x1 Conv (its weight then
+# also gets the Conv's reordered copy). The lean form holds only the packed tensors and decodes one layer
+# at a time: its peak is about 4 weight copies of the largest layer it decodes.
+MEMORY_ORIGINAL = {"conv": 3.0, "fc": 1.3}
+MEMORY_DENSE = {"conv": 4.5, "fc": 3.9}
+MEMORY_LEAN_PEAK = 4.0
+
+
+def memory_plan(layers: list[tuple[int, int | None, str]]) -> tuple[set[int], dict]:
+    """Which layers to run lean so that the predicted session memory stays at or under the original's.
+
+    layers: (weight bytes as float32, output pixels an image or None, "dense" | "lean" | "stacked" | "fixed")
+    a layer; "dense" layers may be turned lean, others are kept ("fixed": a form the user chose). A layer
+    of 1 output pixel is a fully connected one. Layers go lean fewest pixels first (the decode at every run
+    and onnxruntime's Conv on a non-constant weight cost least there), the larger first among equals, until
+    the prediction fits. Returns (indices to run lean, {"original", "predicted"} bytes predicted for the
+    compressed layers' weights, the lean ones chosen included)."""
+    kind = ["fc" if px == 1 else "conv" for _, px, _ in layers]
+    original = sum(MEMORY_ORIGINAL[k] * b for (b, _, _), k in zip(layers, kind))
+
+    def predicted(lean: set[int]) -> float:
+        held = sum(MEMORY_DENSE[k] * b for i, ((b, _, f), k) in enumerate(zip(layers, kind))
+                   if i not in lean and f in ("dense", "fixed"))  # stacked / fixed lean: packed tensors only
+        peak = max([b for i, (b, _, f) in enumerate(layers) if i in lean or f == "lean"], default=0)
+        return held + MEMORY_LEAN_PEAK * peak
+
+    lean: set[int] = set()
+    order = sorted((i for i, (_, _, f) in enumerate(layers) if f == "dense"),
+                   key=lambda i: (layers[i][1] or 1 << 30, -layers[i][0]))
+    best = (predicted(lean), set(lean))
+    for i in order:
+        if best[0] <= original:
+            break
+        lean.add(i)
+        p = predicted(lean)
+        if p < best[0]:
+            best = (p, set(lean))
+    return best[1], {"original": int(original), "predicted": int(best[0])}
