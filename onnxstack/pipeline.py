@@ -30,6 +30,7 @@ from . import __version__, op
 from .analyse import ConvInfo, analyse
 from .config import CompressConfig
 from .core import cost
+from .core.bits import packed_rows
 from .core.fit import ceil_div, slice_depth
 from .errors import ConfigError, ModelError, NothingToCompressError, OnnxstackError, one_line
 from .fitters import fit_layers
@@ -261,9 +262,13 @@ def memory_guard(layers: list) -> tuple[list, dict | None]:
     binary = list(plans.values())
     if not any(p.auto_form for p in binary):
         return layers, None
-    rows = [(4 * int(np.prod(p.shape)), pixels[id(p)],
-             "dense" if p.auto_form and p.execution == "dense" else "fixed" if p.execution == "dense"
-             else p.execution) for p in binary]
+    def row(p: LayerPlan) -> tuple:
+        weight = 4 * int(np.prod(p.shape))
+        form = "dense" if p.auto_form and p.execution == "dense" else "fixed" if p.execution == "dense" else p.execution
+        merge = 4 * p.shape[0] * p.fit.indices.shape[1] * 8 * packed_rows(p.codebook_size)  # (N, s*M') floats
+        return weight, pixels[id(p)], form, {"stacked": merge, "lean": 0}.get(form, weight)
+
+    rows = [row(p) for p in binary]
     lean, predicted = cost.memory_plan(rows)
     swap = {id(binary[j]): replace(binary[j], execution="lean") for j in lean}
     out = [(info, swap.get(id(p), p)) for info, p in layers]

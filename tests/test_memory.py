@@ -136,22 +136,25 @@ def test_memory_plan_runs_the_fewest_pixels_lean_first_until_the_prediction_fits
 
     mb = 1 << 20
     # (bytes, pixels, form): two wide 3x3 layers on small maps, one early layer on a big map, an FC
-    layers = [(2 * mb, 3136, "dense"), (9 * mb, 49, "dense"), (9 * mb, 196, "dense"), (8 * mb, 1, "dense")]
+    layers = [(b, px, "dense", b) for b, px in [(2 * mb, 3136), (9 * mb, 49), (9 * mb, 196), (8 * mb, 1)]]
     lean, pred = cost.memory_plan(layers)
     assert pred["predicted"] <= pred["original"]
     assert 3 in lean and 0 not in lean  # the FC (1 pixel) before anything, the 56x56 layer last
     assert lean == set(sorted(range(4), key=lambda i: layers[i][1])[:len(lean)])  # a prefix by pixels
     # everything dense would pass the original's memory (the reason for the guard)
-    assert sum(cost.MEMORY_DENSE["fc" if p == 1 else "conv"] * b for b, p, _ in layers) > pred["original"]
+    assert sum(cost.MEMORY_DENSE["fc" if p == 1 else "conv"] * b for b, p, _, _ in layers) > pred["original"]
 
 
 def test_memory_plan_keeps_forms_the_user_chose():
     from onnxstack.core import cost
 
-    layers = [(8 << 20, 49, "fixed"), (8 << 20, 49, "stacked"), (1 << 20, 196, "dense")]
-    lean, pred = cost.memory_plan(layers)
-    assert lean == set() and pred["predicted"] <= pred["original"]  # stacked holds only packed tensors
-    lean, pred = cost.memory_plan([(8 << 20, 49, "fixed"), (1 << 20, 196, "dense")])
+    small_merge = [(8 << 20, 49, "fixed", 8 << 20), (8 << 20, 49, "stacked", 1 << 20), (1 << 20, 196, "dense", 1 << 20)]
+    lean, pred = cost.memory_plan(small_merge)
+    assert lean == set() and pred["predicted"] <= pred["original"]  # a small merge matrix leaves room
+    big_merge = [(8 << 20, 49, "stacked", 16 << 20), (1 << 20, 196, "dense", 1 << 20)]
+    lean, pred = cost.memory_plan(big_merge)
+    assert lean == {1} and pred["predicted"] > pred["original"]  # a merge matrix twice the weight: counted
+    lean, pred = cost.memory_plan([(8 << 20, 49, "fixed", 8 << 20), (1 << 20, 196, "dense", 1 << 20)])
     assert lean == {1} and pred["predicted"] > pred["original"]  # the user's dense layer stays, as close as it gets
 
 

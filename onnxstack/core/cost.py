@@ -101,26 +101,28 @@ MEMORY_DENSE = {"conv": 4.5, "fc": 3.9}
 MEMORY_LEAN_PEAK = 4.0
 
 
-def memory_plan(layers: list[tuple[int, int | None, str]]) -> tuple[set[int], dict]:
+def memory_plan(layers: list[tuple[int, int | None, str, int]]) -> tuple[set[int], dict]:
     """Which layers to run lean so that the predicted session memory stays at or under the original's.
 
-    layers: (weight bytes as float32, output pixels an image or None, "dense" | "lean" | "stacked" | "fixed")
-    a layer; "dense" layers may be turned lean, others are kept ("fixed": a form the user chose). A layer
-    of 1 output pixel is a fully connected one. Layers go lean fewest pixels first (the decode at every run
-    and onnxruntime's Conv on a non-constant weight cost least there), the larger first among equals, until
-    the prediction fits. Returns (indices to run lean, {"original", "predicted"} bytes predicted for the
-    compressed layers' weights, the lean ones chosen included)."""
-    kind = ["fc" if px == 1 else "conv" for _, px, _ in layers]
-    original = sum(MEMORY_ORIGINAL[k] * b for (b, _, _), k in zip(layers, kind))
+    layers: (weight bytes as float32, output pixels an image or None, form, folded bytes) a layer; form is
+    "dense" (the cost model's choice: may be turned lean), "fixed" (dense because the user said so),
+    "stacked" or "lean"; folded bytes: what the form folds into a float tensor at session start (the weight
+    for dense and fixed, the (N, s*M') merge matrix for stacked, 0 for lean). A layer of 1 output pixel is
+    a fully connected one. Layers go lean fewest pixels first (the decode at every run and onnxruntime's
+    Conv on a non-constant weight cost least there), the larger first among equals, until the prediction
+    fits. Returns (indices to run lean, {"original", "predicted"} bytes predicted for the compressed
+    layers' weights, the lean ones chosen included)."""
+    kind = ["fc" if px == 1 else "conv" for _, px, _, _ in layers]
+    original = sum(MEMORY_ORIGINAL[k] * row[0] for row, k in zip(layers, kind))
 
     def predicted(lean: set[int]) -> float:
-        held = sum(MEMORY_DENSE[k] * b for i, ((b, _, f), k) in enumerate(zip(layers, kind))
-                   if i not in lean and f in ("dense", "fixed"))  # stacked / fixed lean: packed tensors only
-        peak = max([b for i, (b, _, f) in enumerate(layers) if i in lean or f == "lean"], default=0)
+        held = sum(MEMORY_DENSE[k] * folded for i, ((_, _, f, folded), k) in enumerate(zip(layers, kind))
+                   if i not in lean and f != "lean")
+        peak = max([b for i, (b, _, f, _) in enumerate(layers) if i in lean or f == "lean"], default=0)
         return held + MEMORY_LEAN_PEAK * peak
 
     lean: set[int] = set()
-    order = sorted((i for i, (_, _, f) in enumerate(layers) if f == "dense"),
+    order = sorted((i for i, row in enumerate(layers) if row[2] == "dense"),
                    key=lambda i: (layers[i][1] or 1 << 30, -layers[i][0]))
     best = (predicted(lean), set(lean))
     for i in order:
