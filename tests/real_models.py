@@ -231,6 +231,39 @@ class AudioNet(nn.Module):
         return self.fc(self.features(x).mean(-1))
 
 
+class DenseNet(nn.Module):
+    """DenseNet-style: blocks of BN-ReLU-Conv3x3 layers, each reading the Concat of the block's input and every
+    earlier layer's output (growth channels each), joined by 1x1 transitions (average-pooled where `pool`).
+    The default is test-sized; bench/dense_blocks.py builds the 150-conv one of issue 13."""
+
+    def __init__(self, blocks=3, layers=3, growth=8, width=16, pool=(0, 1), classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        self.blocks, self.transitions, self.pool = nn.ModuleList(), nn.ModuleList(), set(pool)
+        for b in range(blocks):
+            self.blocks.append(nn.ModuleList(
+                nn.Sequential(nn.BatchNorm2d(width + i * growth), nn.ReLU(),
+                              nn.Conv2d(width + i * growth, growth, 3, 1, 1, bias=False)) for i in range(layers)))
+            if b < blocks - 1:
+                self.transitions.append(nn.Sequential(nn.BatchNorm2d(width + layers * growth), nn.ReLU(),
+                                                      nn.Conv2d(width + layers * growth, width, 1, bias=False)))
+        self.head = nn.Sequential(nn.BatchNorm2d(width + layers * growth), nn.ReLU())
+        self.fc = nn.Linear(width + layers * growth, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b, block in enumerate(self.blocks):
+            feats = [x]
+            for layer in block:
+                feats.append(layer(torch.cat(feats, 1)))
+            x = torch.cat(feats, 1)
+            if b < len(self.transitions):
+                x = self.transitions[b](x)
+                if b in self.pool:
+                    x = nn.functional.avg_pool2d(x, 2)
+        return self.fc(self.head(x).mean((2, 3)))
+
+
 @dataclass(frozen=True)
 class Arch:
     make: object
@@ -248,6 +281,7 @@ ARCHS = {
     "yolo": Arch(YoloLite, (1, 3, 64, 64), (0, 2, 3), outputs=3, multiple=32),
     "unet": Arch(UNet, (1, 3, 32, 32), (0, 2, 3), multiple=8),
     "audio1d": Arch(AudioNet, (1, 1, 1024), (0, 2), multiple=256),
+    "densenet": Arch(DenseNet, (1, 3, 32, 32), (0, 2, 3), multiple=4),
 }
 
 
