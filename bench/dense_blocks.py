@@ -9,7 +9,7 @@ average-pooled after blocks 4, 8 and 12; exported by torch's legacy exporter at 
 compressed at default settings with `--images` calibration images of `--size` x `--size` (Gaussian noise:
 the time depends on the shapes, not the values), in this process; the wall time, CPU time and the
 process's peak resident memory are recorded, beside onnxruntime's quantize_static (per-channel QDQ,
-MinMax) on the same images in the same run. Issue 13's bar: under 5 minutes for 128 images of 64x64.
+MinMax) on the same images in the same run. Issue 13's bar (BAR_SECONDS) is read at the defaults of --images and --size.
 
 Writes bench/results/dense_blocks.{json,md}.
 """
