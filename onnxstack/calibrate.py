@@ -226,10 +226,9 @@ class Walk:
             os.mkdir(os.path.join(self._dir, key))
             self._files[stream][name] = key
         key = self._files[stream][name]
-        # not np.ascontiguousarray: it makes a 0-d value (a batch size from Shape -> Gather) 1-d, and the
+        # asarray, not ascontiguousarray: that makes a 0-d value (a batch size from Shape -> Gather) 1-d, and the
         # segment that reads it back then fails (EfficientNet's x.view(x.size(0), -1))
-        np.save(os.path.join(self._dir, key, f"{j}.npy"), value if value.flags.c_contiguous else np.ascontiguousarray(value),
-                allow_pickle=False)
+        np.save(os.path.join(self._dir, key, f"{j}.npy"), np.asarray(value, order="C"), allow_pickle=False)
 
     def _get(self, stream: str, name: str, j: int) -> np.ndarray:
         return np.load(os.path.join(self._dir, self._files[stream][name], f"{j}.npy"), allow_pickle=False)
