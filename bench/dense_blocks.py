@@ -2,7 +2,7 @@
 
     python bench/dense_blocks.py [--images 128] [--size 64] [--blocks 17] [--layers 8]
 
-The model is tests/real_models.DenseNet (random weights, non-trivial BatchNorm statistics) at
+The model is tests/real_models.DenseNet (random weights, BatchNorm seeded by real_models.seeded) at
 `--blocks` blocks of `--layers` BN-ReLU-Conv3x3 layers of growth 16 on a 32-channel block input (so each
 conv reads 32-144 channels and each block ends at 160), joined by 1x1 transitions back to 32 channels,
 average-pooled after blocks 4, 8 and 12; exported by torch's legacy exporter at opset 17. It is
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -37,11 +36,9 @@ import onnxstack  # noqa: E402
 BAR_SECONDS = 300
 
 
-def peak_mib() -> float:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+def peak_mib() -> float:  # this process's peak resident memory (the measuring children of runtime/compress_speed
+    with open("/proc/self/status") as f:  # carry their own copies as strings; this one measures in-process)
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def build(blocks: int, layers: int) -> onnx.ModelProto:
@@ -50,14 +47,7 @@ def build(blocks: int, layers: int) -> onnx.ModelProto:
     from tests import real_models
 
     torch.manual_seed(0)
-    net = real_models.DenseNet(blocks=blocks, layers=layers, growth=16, width=32, pool=(3, 7, 11))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    net.eval()
+    net = real_models.seeded(real_models.DenseNet(blocks=blocks, layers=layers, growth=16, width=32, pool=(3, 7, 11)))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "dense.onnx")
         torch.onnx.export(net, torch.zeros(1, 3, 64, 64), path, dynamo=False, opset_version=17,

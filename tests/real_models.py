@@ -288,7 +288,11 @@ ARCHS = {
 def build(name: str, seed: int = 0) -> nn.Module:
     """The architecture in eval mode with seeded weights and non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)
-    model = ARCHS[name].make()
+    return seeded(ARCHS[name].make(), seed)
+
+
+def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
+    """The model in eval mode, its BatchNorm statistics and affine parameters seeded away from identity."""
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for m in model.modules():
