@@ -8,7 +8,9 @@
   Conv keeps its name, so configs and reports address it as before.
 - A fully connected layer (Gemm, or MatMul of a rank-2 input) with a constant 2-D weight becomes
   Unsqueeze -> Conv 1x1 -> Squeeze in the same way, so it is compressed like a Conv.
-- Declared intermediate shapes (value_info) are dropped when inference contradicts them.
+- Declared intermediate shapes (value_info) are dropped when inference contradicts them, and so is each one
+  that fixes a dim inference from the graph inputs leaves free (a batch of 1 declared inside a model whose
+  input batch is dynamic): onnxruntime folds Shape on declared dims, and the custom op reads Shape.
 - A model below the op's opset is upgraded, and the upgrade proven on a random input.
 """
 
@@ -48,15 +50,53 @@ def canonical(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def _drop_contradicted_value_info(model: onnx.ModelProto) -> None:
     """Declared intermediate shapes that inference contradicts (onnxruntime ignores them) are dropped,
-    so that the compressed model passes the full checker."""
+    so that the compressed model passes the full checker; so are those that pin a dim which inference
+    from the graph inputs alone leaves free or does not reach (see _pinned)."""
     if not model.graph.value_info:
         return
     try:
         with checkable(model) as (proto, _):
             onnx.shape_inference.infer_shapes(undeclared(proto, value_info=False), check_type=True,
                                               strict_mode=True)
+            inferred = onnx.shape_inference.infer_shapes(undeclared(proto))
     except Exception:  # noqa: BLE001 - some declared shape disagrees with the operators
         del model.graph.value_info[:]
+        return
+    proven = {vi.name: _dims(vi) for vi in inferred.graph.value_info}
+    for vi in [vi for vi in model.graph.value_info if _pinned(_dims(vi), proven.get(vi.name))]:
+        model.graph.value_info.remove(vi)
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list | None:
+    """A value's dims (an int where fixed, None where free), or None when it declares no shape."""
+    t = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+    if t is None or not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
+def _pinned(declared: list | None, proven: list | None) -> bool:
+    """True where a declared shape fixes a dim that inference from the inputs does not prove: its rank
+    differs, inference left the dim free, or inference did not reach the value at all."""
+    if declared is None or all(d is None for d in declared):
+        return False
+    if proven is None or len(proven) != len(declared):
+        return True
+    return any(d is not None and d != p for d, p in zip(declared, proven))
+
+
+def _keep_interface(converted: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """The version converter re-infers shapes; the graph's declared inputs and outputs, and its declared
+    intermediate shapes, stay the original's (an output must not gain a fixed batch)."""
+    for field in ("input", "output"):
+        mine = {vi.name: vi for vi in getattr(original.graph, field)}
+        for vi in getattr(converted.graph, field):
+            if vi.name in mine:
+                vi.type.CopyFrom(mine[vi.name].type)
+    names = {vi.name for vi in original.graph.value_info}
+    for vi in [vi for vi in converted.graph.value_info if vi.name not in names]:
+        converted.graph.value_info.remove(vi)
+    return converted
 
 
 def _constants_to_initializers(graph: onnx.GraphProto) -> None:
@@ -244,7 +284,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 def upgrade_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     """The model converted to `target` opset by onnx's version converter (caller checks outputs)."""
     try:
-        return version_converter.convert_version(model, target)
+        return _keep_interface(version_converter.convert_version(model, target), model)
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds
         raise ModelError(f"cannot upgrade opset {default_opset(model)} to {target}, "
                          f"which StackedBinaryConv needs: {one_line(e, 200)}") from None

@@ -250,6 +250,22 @@ def test_opset_11_model_with_negative_dims_is_upgraded_and_verified():
     assert run_ort(result.model, {"input": x})[0].shape == (1, 16, 8, 8)
 
 
+@pytest.mark.parametrize("opset", [11, 17])
+def test_a_batch_of_1_declared_inside_a_dynamic_model_does_not_pin_the_compressed_one(opset):
+    # ddddocr-style: the input's batch made dynamic, the exporter's value_info still says batch 1. The
+    # stacked form reads Shape(X); onnxruntime folded it from the declared 1, so batch 2 broke a Conv.
+    model = conv_model([{"in": 16, "out": 16}, {"out": 16}], opset=opset, ir_version=6 if opset == 11 else 8)
+    for vi in model.graph.value_info:
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    result = onnxstack.compress(model, CompressConfig(slice_dim=8, execution="stacked"))
+    out = result.model.graph.output[0].type.tensor_type
+    assert not out.HasField("shape") or not out.shape.dim[0].HasField("dim_value")
+    x = np.random.default_rng(0).standard_normal((2, 16, 12, 12)).astype(np.float32)
+    y = run_ort(result.model, {"input": x})[0]
+    assert y.shape == (2, 16, 8, 8)
+    np.testing.assert_allclose(y[1:], run_ort(result.model, {"input": x[1:]})[0], rtol=1e-4, atol=1e-4)
+
+
 # --- numbers: never an internal error, data that names itself --------------------------------------------
 
 
