@@ -77,8 +77,11 @@ class Walk:
 
     def __init__(self, model: onnx.ModelProto, layers: list[ConvInfo], feeds,
                  config: CompressConfig, sequential: bool = True, needs=lambda info: info.group == 1,
-                 folder: str | None = None):
+                 folder: str | None = None, held_out: np.ndarray | None = None):
         self.model, self.config, self.sequential, self.needs = model, config, sequential, needs
+        # a boolean mask over the samples: each layer's stats then come as (fit, held) from the rows of the
+        # other samples and of these (the settings search fits on one part and measures damage on the other)
+        self.held_out = None if held_out is None else np.asarray(held_out, bool)
         self.layers = sorted(layers, key=lambda i: i.node_index)
         self.feeds = feeds  # dict of arrays, or a Dataset read a batch at a time at the first cut
         if isinstance(feeds, Mapping):
@@ -201,13 +204,15 @@ class Walk:
                 install_weights(m, k - seg.start, w, b, tag=f"__calib{k}")
         return m
 
-    def _stats(self, info: ConvInfo) -> LayerStats:
-        """The layer's input (working stream) against the original layer's outputs at sampled positions."""
+    def _stats(self, info: ConvInfo) -> LayerStats | tuple[LayerStats, LayerStats]:
+        """The layer's input (working stream) against the original layer's outputs at sampled positions;
+        with `held_out`, (stats of the other samples' rows, stats of the held-out samples' rows)."""
         name = self.model.graph.node[info.node_index].input[0]
         w = numpy_helper.to_array(self.weights[info.weight_name]).reshape(info.shape[0], -1)
         b = numpy_helper.to_array(self.weights[info.bias_name]) if info.bias_name else 0.0
         stats = LayerStats.empty(int(np.prod(info.shape[1:])), info.shape[0])
-        for j in range(len(self.starts)):
+        held = None if self.held_out is None else LayerStats.empty(*stats.sxy.shape)
+        for j, start in enumerate(self.starts):
             x = self._get("orig", name, j)
             geo = _geometry(info, x.shape[2:])
             ho, wo = output_size(x.shape[2:], geo["kernel"], geo["strides"], geo["pads"], geo["dilations"])
@@ -215,8 +220,14 @@ class Walk:
             pos = np.argsort(self.rng.random((len(x), ho * wo)), axis=1)[:, :p]  # (B, p) distinct positions
             y = im2col_rows(x, pos, **geo) @ w.T + b
             same = self._files["work"][name] == self._files["orig"][name]
-            stats.add(im2col_rows(x if same else self._get("work", name, j), pos, **geo), y)
-        return stats
+            rows = im2col_rows(x if same else self._get("work", name, j), pos, **geo)
+            if held is None:
+                stats.add(rows, y)
+                continue
+            out = np.repeat(self.held_out[start:start + len(x)], p)  # rows are image-major: p a sample
+            stats.add(rows[~out], y[~out])
+            held.add(rows[out], y[out])
+        return stats if held is None else (stats, held)
 
     # --- the spill files ------------------------------------------------------------------------------------
     def _put(self, stream: str, name: str, j: int, value: np.ndarray) -> None:

@@ -89,15 +89,16 @@ def int_storage(bits: int, opset: int) -> tuple[int, str | None]:
 
 
 def int_candidate(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats, bits: int,
-                  opset: int, damp: float = 0.01) -> tuple[int, float]:
+                  opset: int, damp: float = 0.01, held: LayerStats | None = None) -> tuple[int, float]:
     """(bits stored, damage) of one layer as int8 / int4 (`bits`) under `opset`, as the ("int", "output")
-    fitter would make it, without building a plan: damage = stats.relative_error(W_hat, b_hat), the relative
-    output error against the original outputs the stats were taken with (as search.layer_candidates
-    measures binary candidates). The bits count the corrected bias the calibrated layer stores."""
+    fitter would make it from `stats`, without building a plan: damage = relative_error(W_hat, b_hat) on
+    `held` (or on `stats` when not given), the relative output error against the original outputs (as
+    search.layer_candidates measures binary candidates). The bits count the corrected bias the calibrated
+    layer stores."""
     stored, _ = int_storage(bits, opset)
     n = weight.shape[0]
     q, scales, new_bias = intq.quantize_output_aware(weight, stats, stored, damp)
-    damage = stats.relative_error(intq.decode(q, scales).reshape(n, -1), new_bias)
+    damage = (stats if held is None else held).relative_error(intq.decode(q, scales).reshape(n, -1), new_bias)
     return cost.int_bits(n, int(np.prod(weight.shape[1:])), stored, True)["total"], damage
 
 

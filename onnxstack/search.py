@@ -46,6 +46,8 @@ MAX_CODEBOOK_BYTES = 64 << 20  # the codebook update's (m, D, D) float64 metric
 MAX_FIT_MACS = 4e9  # multiply-adds of one candidate's fit (weights x codewords x terms)
 REFERENCE_RATIO = 32  # the candidate whose end-to-end damage measures a layer's sensitivity
 SENSITIVITY_SAMPLES = 64
+HELD_OUT_EVERY = 4  # a quarter of the samples measures the candidates' damage, the rest fits them
+MIN_HELD_OUT_SAMPLES = 4
 DOMINANT_SHARE = 0.25  # a layer whose chosen setting takes this share of the budget has its other
 MAX_ALTERNATIVES = 3  # representations built and measured end to end (at most this many allocations more)
 
@@ -113,9 +115,12 @@ def damage(weight: np.ndarray, fit, new_bias: np.ndarray, stats: LayerStats) -> 
 
 
 def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,
-                     config: CompressConfig, opset: int) -> tuple[list[Candidate], dict]:
+                     config: CompressConfig, opset: int, held: LayerStats | None = None) -> tuple[list[Candidate], dict]:
     """The layer's candidates with their (layer-local) damage, and the decoded weight and bias of the one
-    nearest REFERENCE_RATIO (to measure the layer's end-to-end sensitivity with).
+    nearest REFERENCE_RATIO (to measure the layer's end-to-end sensitivity with). Each candidate is fitted on
+    `stats`; its damage is measured on `held` (rows of samples the fit did not see) when given: in-sample
+    damage flatters a layer with fewer rows than weights (a classifier's FC on a few hundred images), and
+    the allocation would then spend the fewest bits on the layer that generalises worst.
 
     Candidates: the binary ladder, int8 and (where the opset has INT4 DequantizeLinear) int4 per channel,
     and float. A representation the user fixed for the layer (a LayerOverride) is the only one tried."""
@@ -126,7 +131,7 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
     metrics, ref = {}, None
     for int_bits in (8, 4) if opset >= INT_MIN_OPSET else ():  # below: the fit would leave the layer dense
         if fixed in (None, f"int{int_bits}") and int_storage(int_bits, opset)[0] == int_bits:
-            bits, harm = int_candidate(info, weight, bias, stats, int_bits, opset, config.calibration_damp)
+            bits, harm = int_candidate(info, weight, bias, stats, int_bits, opset, config.calibration_damp, held)
             out.append(Candidate(0, 0, 0, bits, harm, f"int{int_bits}"))
     for d, m, k in (candidate_grid(info, config) if fixed in (None, "binary") else []):
         if d not in metrics:
@@ -138,7 +143,7 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
             fit, new_bias = fit_output_aware(weight, stats, d, m, terms=k, iterations=min(config.iterations, 8),
                                              seed=config.seed, rounds=1, metric=metrics[d])
         bits = cost.compressed_bits(n, ceil_div(cg, d), d, kh, kw, m, config.scale, True, k)["total"]
-        out.append(Candidate(d, m, k, bits, damage(weight, fit, new_bias, stats)))
+        out.append(Candidate(d, m, k, bits, damage(weight, fit, new_bias, stats if held is None else held)))
         distance = abs(np.log(dense_bits / bits / REFERENCE_RATIO))
         if out[-1].damage > 0 and (ref is None or distance < ref[0]):
             ref = (distance, out[-1], from_slices(fit.decode(), cg, (kh, kw)), new_bias)
@@ -286,10 +291,22 @@ class Candidates:
         return out[: 1 + MAX_ALTERNATIVES]
 
 
+def held_out_mask(n: int, seed: int) -> np.ndarray | None:
+    """The samples whose rows measure the candidates' damage (and the layers' sensitivity) and are not
+    fitted on: a seeded random 1/HELD_OUT_EVERY of them, at least one; None (damage in-sample) below
+    MIN_HELD_OUT_SAMPLES samples."""
+    if n < MIN_HELD_OUT_SAMPLES:
+        return None
+    mask = np.zeros(n, bool)
+    mask[np.random.default_rng(seed).permutation(n)[: max(1, n // HELD_OUT_EVERY)]] = True
+    return mask
+
+
 def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],
                          config: CompressConfig, progress: Callable[[int, int, str], None] | None = None) -> Candidates:
     """Fit every layer the search may compress under each candidate setting on the original inputs (one
-    data pass), and weigh each layer's damage by its measured end-to-end sensitivity.
+    data pass), and weigh each layer's damage by its measured end-to-end sensitivity. Fits use the rows of
+    most samples; damage and sensitivity are measured on the others (held_out_mask).
 
     Layers too thin for the config's slice depth (RGB and 1-channel stems) are candidates too, at the
     slice depths they allow."""
@@ -311,19 +328,23 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
         else:
             measured.add(info.node_index)  # the first layer of each weight
     cands, refs = {}, {}
-    with Walk(model, todo, feeds, config, sequential=False, needs=lambda i: i.node_index in measured) as walk:
+    held_out = held_out_mask(len(next(iter(feeds.values()))), config.seed)
+    with Walk(model, todo, feeds, config, sequential=False, needs=lambda i: i.node_index in measured,
+              held_out=held_out) as walk:
         for info, stats in walk:
             if stats is None:
                 continue
+            fit, held = stats if held_out is not None else (stats, None)
             bias = weights[info.bias_name] if info.bias_name else None
-            cands[info.name], ref = layer_candidates(info, weights[info.weight_name], bias, stats, config, opset)
+            cands[info.name], ref = layer_candidates(info, weights[info.weight_name], bias, fit, config, opset, held)
             if ref:
                 refs[info.name] = ref
             if progress:
                 progress(len(cands), len(measured), f"choosing settings: {info.name}")
     if not cands:
         raise ConfigError("choosing settings per layer needs at least one eligible Conv with group=1")
-    gains = sensitivities(model, {i.name: i for i in todo}, refs, feeds)
+    gains = sensitivities(model, {i.name: i for i in todo}, refs,
+                          feeds if held_out is None else {k: v[held_out] for k, v in feeds.items()})
     typical = float(np.median(list(gains.values()))) if gains else 1.0
     for name, options in cands.items():
         gain = float(np.clip(gains.get(name, typical), 1e-3 * typical, 1e3 * typical))

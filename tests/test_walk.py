@@ -210,3 +210,32 @@ def test_a_scalar_live_across_a_cut_keeps_its_rank():
     assert result.report["layers_compressed"] >= 2
     out = runtime.open_session(result.model).run(None, {"input": feeds["input"][:3]})[0]
     assert out.shape == (3, 10)
+
+
+def test_held_out_samples_split_each_layers_rows_and_nothing_else(monkeypatch):
+    """With held_out (a mask over samples), each layer's stats come as (fit, held): the rows of the other
+    samples and of the held-out ones, at the same sampled positions, summing to the unsplit stats; the
+    batches cut the mask where they cut the samples."""
+    model = residual_model()
+    config = CompressConfig(slice_dim=8, codebook_size=16, calibration_positions=20)
+    infos = [i for i in analyse(model, config) if i.eligible]
+    x = np.random.default_rng(4).standard_normal((21, 8, 10, 10)).astype(np.float32)
+    monkeypatch.setattr(calibrate, "BATCH_BYTES", 8 * 100 * 4 * 8)  # batches of 8, the last short
+    mask = np.zeros(21, bool)
+    mask[[0, 9, 10, 20]] = True
+    x[mask] *= 10
+
+    def walk(held_out):
+        with Walk(model, infos, {"input": x}, config, sequential=False, held_out=held_out) as w:
+            return [stats for _, stats in w]
+
+    whole, split = walk(None), walk(mask)
+    for all_rows, (fit, held) in zip(whole, split):
+        per_sample = all_rows.n // 21
+        assert (fit.n, held.n) == (17 * per_sample, 4 * per_sample)
+        for field in ("sx", "sxx", "sy", "sxy", "syy"):
+            np.testing.assert_allclose(getattr(fit, field) + getattr(held, field), getattr(all_rows, field),
+                                       rtol=1e-5, atol=1e-3)
+    # the held-out samples are 10x louder: the first layer's held rows carry 100x the energy a row
+    first_fit, first_held = split[0]
+    assert np.trace(first_held.sxx) / first_held.n > 50 * np.trace(first_fit.sxx) / first_fit.n
