@@ -777,6 +777,9 @@ def write(results: dict, all_tasks: dict, total: float, args) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         path = RESULTS / "real_models.json"
         old = json.loads(path.read_text()) if path.exists() and args.merge else {"runs": {}, "results": {}}
+        # a model that failed before any row (a missing package, say) keeps the rows it had
+        results = {name: info for name, info in results.items()
+                   if "rows" in info or "rows" not in old["results"].get(name, {})}
         merged = {name: old["results"][name] for name in all_tasks if name in old["results"] and name not in results}
         for name, info in results.items():
             before = old["results"].get(name, {})
