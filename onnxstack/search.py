@@ -265,8 +265,10 @@ class Candidates:
 
     def choices(self, target_ratio: float) -> list[tuple[str, dict[str, Candidate]]]:
         """The allocation of least summed damage, then up to MAX_ALTERNATIVES others worth building and
-        measuring end to end: where one layer's choice takes DOMINANT_SHARE or more of the budget, that
-        layer in each other stored representation, the rest allocated again around it.
+        measuring end to end: where one layer's choice takes DOMINANT_SHARE or more of the budget, or the
+        layer holds DOMINANT_SHARE or more of the searched weights (a classifier's FC: the allocation may
+        have made it cheap), that layer in each other stored representation, the rest allocated again
+        around it. Largest layers first.
 
         Summed damage is a model: it misjudges where one layer holds most of the bits, since the layers'
         errors do not add (the sequential fit corrects later layers for earlier ones) and output error is not
@@ -275,8 +277,10 @@ class Candidates:
         budget = self.budget(target_ratio)
         first = allocate(self.per_layer, budget)
         out = [("least summed damage", first)]
-        for name, c in sorted(first.items(), key=lambda kv: -kv[1].bits):
-            if c.bits < DOMINANT_SHARE * budget:
+        dense = {name: max(x.bits for x in options) for name, options in self.per_layer.items()}
+        weights = sum(dense.values())
+        for name, c in sorted(first.items(), key=lambda kv: -max(kv[1].bits / budget, dense[kv[0]] / weights)):
+            if c.bits < DOMINANT_SHARE * budget and dense[name] < DOMINANT_SHARE * weights:
                 break
             for rep in ("int4", "int8", "binary"):
                 options = [x for x in self.per_layer[name] if x.representation == rep]

@@ -399,6 +399,13 @@ def test_choices_try_the_dominant_layer_in_its_other_representations():
     even = Candidates({"a": ladder(100), "b": ladder(100), "c": ladder(100), "d": ladder(100), "e": ladder(100)},
                       fixed_bits=0, total_bits=32 * 500)
     assert len(even.choices(8)) == 1  # no layer takes a quarter of the budget: nothing else to build
+    # a layer with 30 % of the weights that the allocation made cheap (a classifier's FC, binary at ~1 bit)
+    head = [Candidate(0, 0, 0, 8 * 300, 0.001, "int8"), Candidate(0, 0, 0, 4 * 300, 0.002, "int4"),
+            Candidate(16, 64, 1, 300, 0.003), Candidate(0, 0, 0, 32 * 300, 0.0, "float")]
+    fc = Candidates({"head": head, **{f"conv{i}": ladder(100) for i in range(7)}}, fixed_bits=0, total_bits=32 * 1000)
+    first = fc.choices(8)[0][1]
+    assert first["head"].representation == "binary" and first["head"].bits < 0.25 * 32 * 1000 / 8
+    assert {label for label, _ in fc.choices(8)[1:]} == {"head as int4", "head as int8"}
 
 
 def test_allocation_check_keeps_the_alternative_that_moves_the_outputs_least(monkeypatch):
