@@ -31,17 +31,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from onnxstack.runtime import VM_STATUS  # noqa: E402  the one memory reader, run by each measured child
+
 TOOLS = ("onnxstack", "quantize_dynamic", "quantize_static")
 
 # Each tool runs after this prologue, which reports the process's peak RSS from /proc/self/status
 # (VmHWM; the parent's rusage would also count the parent's own size, inherited through fork/exec).
-PEAK = """
+PEAK = VM_STATUS + """
 import atexit, resource, sys
 def _peak():
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    sys.stderr.write(f"\\nPEAK_KB {hwm} {children}\\n")
+    sys.stderr.write(f"\\nPEAK_KB {vm_bytes() // 1024} {children}\\n")
 atexit.register(_peak)
 """
 

@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import environment, write_results  # noqa: E402
 
 import onnxstack  # noqa: E402
+from onnxstack.runtime import vm_bytes  # noqa: E402
 
 BAR_SECONDS = 300
 
 
-def peak_mib() -> float:  # this process's peak resident memory (the measuring children of runtime/compress_speed
-    with open("/proc/self/status") as f:  # carry their own copies as strings; this one measures in-process)
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+def peak_mib() -> float:  # this process's peak resident memory
+    return vm_bytes() / 2 ** 20
 
 
 def build(blocks: int, layers: int) -> onnx.ModelProto:

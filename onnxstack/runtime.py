@@ -46,27 +46,30 @@ def open_session(model_or_path, *, threads: int | None = None, providers: list[s
         raise ModelError(f"onnxruntime cannot load the model: {one_line(e)}") from None
 
 
-_MEMORY_CHILD = r"""
+# The one reader of a process's memory, as source: the measuring children (here, in bench/ and the tests)
+# run it without importing onnxstack, whose own imports would be part of what they measure.
+VM_STATUS = r"""
+def vm_bytes(key="VmHWM"):  # /proc/self/status field in bytes: VmHWM is this address space's peak resident
+    with open("/proc/self/status") as f:  # memory (not the parent's, which ru_maxrss carries over fork+exec)
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+"""
+exec(VM_STATUS)  # defines vm_bytes here too
+
+_MEMORY_CHILD = VM_STATUS + r"""
 import json, sys
 import numpy as np
 import onnxruntime as ort
 
-
-def peak():  # this process's peak resident bytes (VmHWM: per address space, so not the parent's, as ru_maxrss is)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
 model, feeds_path, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 feeds = dict(np.load(feeds_path))
-base = peak()
+base = vm_bytes()
 opts = ort.SessionOptions()
 opts.log_severity_level = 3
 if threads:
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
 session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 session.run(None, feeds)
-print(json.dumps(peak() - base))
+print(json.dumps(vm_bytes() - base))
 """
 
 

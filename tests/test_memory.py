@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 import onnxstack
-from onnxstack.runtime import session_memory
+from onnxstack.runtime import VM_STATUS, session_memory
 
 from .models import conv_model, run_ort
 
@@ -82,7 +82,7 @@ def test_lean_inlined_into_standard_ops_gives_the_same_outputs(wide, forms):
 
 # --- calibration: memory stays flat in the number of images (issue 13) ------------------------------------
 
-CALIBRATE_CHILD = """
+CALIBRATE_CHILD = VM_STATUS + """
 import sys
 import numpy as np
 import onnx
@@ -90,11 +90,10 @@ import onnxstack
 from onnxstack.data import load_data
 
 model = onnx.load(sys.argv[1])
-before = {k: int(v.split()[0]) for k, v in (l.split(':') for l in open('/proc/self/status')) if k in ('VmHWM', 'VmRSS')}
+before = vm_bytes("VmRSS")
 result = onnxstack.compress(model, onnxstack.CompressConfig(slice_dim=8), data=load_data(sys.argv[2], model))
 assert result.report['calibrated'] and result.report['data_check']['samples'] == int(sys.argv[3])
-peak = {k: int(v.split()[0]) for k, v in (l.split(':') for l in open('/proc/self/status')) if k == 'VmHWM'}
-print(peak['VmHWM'] * 1024, before['VmRSS'] * 1024)
+print(vm_bytes(), before)
 """
 
 
