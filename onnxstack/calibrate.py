@@ -65,6 +65,22 @@ class _Segment:
     outputs: list[str]  # made by nodes[start:stop] and live at stop
 
 
+HELD_OUT_EVERY = 4  # a quarter of the samples measures, the rest fits
+MIN_HELD_OUT_SAMPLES = 4
+
+
+def held_out_mask(n: int, seed: int) -> np.ndarray | None:
+    """The samples whose rows are not fitted on but measure a fit (the settings search's damage and
+    sensitivities, the ridge of layers the data cannot pin down): a seeded random 1/HELD_OUT_EVERY of them,
+    at least one; None (everything in-sample) below MIN_HELD_OUT_SAMPLES samples."""
+    if n < MIN_HELD_OUT_SAMPLES:
+        return None
+    mask = np.zeros(n, bool)
+    mask[np.random.default_rng(seed).permutation(n)[: max(1, n // HELD_OUT_EVERY)]] = True
+    return mask
+
+
+
 class Walk:
     """Calibration statistics for the layers in graph order, on bounded memory (module docstring). `feeds`:
     a dict of arrays, or a data.Dataset, whose batches are read (and spilled) one at a time at the first cut.

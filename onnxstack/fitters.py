@@ -17,7 +17,9 @@ table. A new fitter is one function registered here plus a line in `choose`.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -31,10 +33,12 @@ from .analyse import ConvInfo
 from .config import CompressConfig
 from .dataquality import check_layer, warn
 from .core import cost, intq
-from .core.calib import LayerStats, fit_output_aware, fit_output_aware_filter
+from .core.calib import LayerStats, fit_output_aware, fit_output_aware_filter, held_out_damp
 from .core.fit import from_slices, one_blas_thread, relative_error, to_slices
 from .normalise import default_opset
 from .plan import IntPlan, LayerPlan, int_plan, plan_layer
+
+log = logging.getLogger("onnxstack")
 
 Key = tuple[str, str]
 Plan = LayerPlan | IntPlan
@@ -50,6 +54,7 @@ class Job:
     config: CompressConfig
     stats: LayerStats | None = None  # calibration statistics (output-aware fitters only)
     opset: int = INT4_MIN_OPSET  # the model's default opset (what integer widths DequantizeLinear takes)
+    quiet: bool = False  # a trial fit (choosing the ridge): no data warnings logged
 
 
 FITTERS: dict[Key, Callable[[Job], Plan]] = {}
@@ -120,7 +125,8 @@ def fit_output(job: Job) -> LayerPlan:
                                      iterations=config.iterations, seed=config.seed)
     w_hat = from_slices(fit.decode(), info.shape[1], info.shape[2:]).reshape(info.shape[0], -1)
     check = check_layer(job.stats, d, info.shape[2:], name=info.name)
-    warn(check)  # logged when the data cannot pin the layer down; the reason goes into the report
+    if not job.quiet:
+        warn(check)  # logged when the data cannot pin the layer down; the reason goes into the report
     if check.reason:
         base = replace(base, data_warning=check.reason)
     return base.with_fit(fit, relative_error(to_slices(w, d), fit), bias,
@@ -160,14 +166,29 @@ def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds, config: Com
     def needs(info):  # asked as the walk reaches the layer: a shared fit is measured at its first user only
         return needs_data(chosen[info.node_index][0]) and (info.weight_name, config.for_layer(info.name)) not in done
 
-    with calibrate.Walk(model, todo, feeds, config, sequential=True, needs=needs) as walk:
+    n = len(next(iter(feeds.values()))) if isinstance(feeds, Mapping) else len(feeds)
+    held_out = calibrate.held_out_mask(n, config.seed)
+    with calibrate.Walk(model, todo, feeds, config, sequential=True, needs=needs, held_out=held_out) as walk:
         for info, stats in walk:
             key = (info.weight_name, config.for_layer(info.name))
             if key in done:
                 plan = done[key]
             else:
                 fitter, reason = chosen[info.node_index]
-                plan = FITTERS[fitter](Job(info, weights[info.weight_name], config, stats, opset))
+                layer_config, ridge = config, None
+                if isinstance(stats, tuple):  # the held-out rows choose the ridge, then every row is fitted
+                    fit, held = stats
+                    damp = held_out_damp(_trial(fitter, info, weights[info.weight_name], config, fit, opset),
+                                         fit, held, config.calibration_damp)
+                    stats = fit.merged(held)
+                    if damp != config.calibration_damp:
+                        ridge = (f"ridge {damp:g} (not {config.calibration_damp:g}), chosen on held-out rows: "
+                                 f"{stats.n} calibration rows for {fit.sxx.shape[0]} weights a filter")
+                        log.info("%s: %s", info.name, ridge)
+                        layer_config = replace(config, calibration_damp=damp)
+                plan = FITTERS[fitter](Job(info, weights[info.weight_name], layer_config, stats, opset))
+                if ridge:
+                    plan = replace(plan, note="; ".join(filter(None, [plan.note, ridge])))
                 if reason:
                     plan = _with_fallback(plan, reason)
             done[key] = plans[info.node_index] = plan
@@ -175,6 +196,15 @@ def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds, config: Com
             if progress:
                 progress(info.name)
     return plans
+
+
+def _trial(fitter: str, info: ConvInfo, weight: np.ndarray, config: CompressConfig, stats: LayerStats, opset: int):
+    """damp -> (W_hat (N, K), b_hat): the layer as `fitter` fits it on `stats` under that ridge (quietly)."""
+    def fit_at(damp: float):
+        plan = FITTERS[fitter](Job(info, weight, replace(config, calibration_damp=damp), stats, opset, quiet=True))
+        bias = plan.bias if plan.bias is not None else np.zeros(weight.shape[0], np.float32)
+        return plan.decoded_weight().reshape(weight.shape[0], -1), bias
+    return fit_at
 
 
 def _with_fallback(plan: Plan, reason: str) -> Plan:

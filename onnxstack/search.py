@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .analyse import INT_MIN_OPSET, ConvInfo, analyse
-from .calibrate import Walk, install_weights
+from .calibrate import Walk, held_out_mask, install_weights
 from .config import CompressConfig, LayerOverride
 from .core import cost
 from .core.calib import LayerStats, OutputMetric, fit_output_aware, fit_output_aware_filter
@@ -46,8 +46,6 @@ MAX_CODEBOOK_BYTES = 64 << 20  # the codebook update's (m, D, D) float64 metric
 MAX_FIT_MACS = 4e9  # multiply-adds of one candidate's fit (weights x codewords x terms)
 REFERENCE_RATIO = 32  # the candidate whose end-to-end damage measures a layer's sensitivity
 SENSITIVITY_SAMPLES = 64
-HELD_OUT_EVERY = 4  # a quarter of the samples measures the candidates' damage, the rest fits them
-MIN_HELD_OUT_SAMPLES = 4
 DOMINANT_SHARE = 0.25  # a layer whose chosen setting takes this share of the budget has its other
 MAX_ALTERNATIVES = 3  # representations built and measured end to end (at most this many allocations more)
 
@@ -293,17 +291,6 @@ class Candidates:
                 if all(alt != other for _, other in out):
                     out.append((f"{name} as {rep}", alt))
         return out[: 1 + MAX_ALTERNATIVES]
-
-
-def held_out_mask(n: int, seed: int) -> np.ndarray | None:
-    """The samples whose rows measure the candidates' damage (and the layers' sensitivity) and are not
-    fitted on: a seeded random 1/HELD_OUT_EVERY of them, at least one; None (damage in-sample) below
-    MIN_HELD_OUT_SAMPLES samples."""
-    if n < MIN_HELD_OUT_SAMPLES:
-        return None
-    mask = np.zeros(n, bool)
-    mask[np.random.default_rng(seed).permutation(n)[: max(1, n // HELD_OUT_EVERY)]] = True
-    return mask
 
 
 def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: dict[str, np.ndarray],

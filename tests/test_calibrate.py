@@ -139,3 +139,37 @@ def test_max_drop_without_labels_uses_agreement(monkeypatch):
     assert chosen == max(s["target_ratio"] for s in passed)
     assert all(s["target_ratio"] > chosen for s in failed)  # every ratio tried above it failed
     assert result.report["conv_ratio"] >= chosen / 1.15
+
+
+def test_held_out_rows_choose_a_stronger_ridge_where_the_data_cannot_pin_a_layer_down():
+    # a linear layer whose current inputs carry upstream error (x + noise in, the original x W out); 48 rows
+    # for 256 weights a filter: a small ridge lets W* interpolate the noise of the rows it is fitted on
+    from onnxstack.core.calib import RIDGE_STEPS, held_out_damp
+
+    def ridge_target(stats, w, damp):  # the float fit: W* = W + (H + lam I)^-1 (G - H W), its bias
+        mx, H, G, my = stats.centred()
+        lam = damp * np.mean(np.diag(H))
+        wstar = w + np.linalg.solve(H + lam * np.eye(len(H)), G - H @ w.T).T
+        return wstar, my - wstar @ mx
+
+    rng = np.random.default_rng(7)
+    K, N = 256, 32
+    w = rng.standard_normal((N, K)) / np.sqrt(K)
+    mix = rng.standard_normal((K, K)) / np.sqrt(K)  # correlated features
+
+    def rows(n):
+        x = rng.standard_normal((n, K)) @ mix
+        s = LayerStats.empty(K, w.shape[0])
+        s.add(x + 0.3 * rng.standard_normal(x.shape), x @ w.T)
+        return s
+    fit, held = rows(48), rows(16)
+    damp = held_out_damp(lambda d: ridge_target(fit, w, d), fit, held, 0.01)
+    assert damp > 0.01 and any(np.isclose(damp, 0.01 * step) for step in RIDGE_STEPS)
+    err = lambda d: held.relative_error(*ridge_target(fit, w, d))  # noqa: E731
+    assert err(damp) < 0.8 * err(0.01)
+    # enough rows (4 a weight): the configured ridge, no search
+    many = rows(4 * K)
+    assert held_out_damp(lambda d: ridge_target(many, w, d), many, held, 0.01) == 0.01
+    # merged stats are the stats of all the rows
+    both = fit.merged(held)
+    assert both.n == 64 and np.allclose(both.sxx, fit.sxx + held.sxx)

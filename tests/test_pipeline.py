@@ -339,7 +339,7 @@ def test_search_measures_damage_on_samples_the_fit_did_not_see(monkeypatch):
     # A classifier head sees one row a sample: 24 samples, 256 inputs. Fitted and measured on the same rows,
     # a binary head looks nearly free (it fits the rows' 24-dimensional span); on rows it did not see, it
     # is not. EfficientNet-Lite0 went to 0-4 % top-1 agreement at 8x on exactly this (its FC binary).
-    from onnxstack import search
+    from onnxstack import calibrate, search
     from onnxstack.analyse import analyse
     from onnxstack.normalise import normalise
 
@@ -355,9 +355,34 @@ def test_search_measures_damage_on_samples_the_fit_did_not_see(monkeypatch):
         return min(x.damage for x in c.per_layer["fc"] if x.representation == "binary") / gain
 
     held_out = head_damage()
-    monkeypatch.setattr(search, "MIN_HELD_OUT_SAMPLES", 10 ** 6)  # the old behaviour: damage in-sample
+    monkeypatch.setattr(calibrate, "MIN_HELD_OUT_SAMPLES", 10 ** 6)  # the old behaviour: damage in-sample
     in_sample = head_damage()
     assert held_out > 5 * in_sample
+
+
+def test_a_head_the_data_cannot_pin_down_gets_its_ridge_from_held_out_rows(monkeypatch):
+    # 24 samples for a 256-input head: the final fit tries stronger ridges on 3/4 of the samples, keeps
+    # the one the other quarter likes best, says so, and the model does better on samples it never saw
+    from onnxstack import calibrate
+
+    model = _classifier()
+    rng = np.random.default_rng(1)
+    calib = {"input": rng.standard_normal((24, 8, 6, 6)).astype(np.float32)}
+    test = {"input": rng.standard_normal((200, 8, 6, 6)).astype(np.float32)}
+    ref = run_ort(model, test)[0]
+
+    def unseen_error():
+        result = onnxstack.compress(model, CompressConfig(), data=calib)
+        out = run_ort(result.model, test)[0]
+        notes = {e["name"]: e.get("note") or "" for e in result.report["layers"]}
+        return float(np.sum((out - ref) ** 2) / np.sum((ref - ref.mean(0)) ** 2)), notes
+
+    held_out, notes = unseen_error()
+    assert "ridge" in notes["fc"] and "held-out rows" in notes["fc"] and "ridge" not in notes["conv0"]
+    monkeypatch.setattr(calibrate, "MIN_HELD_OUT_SAMPLES", 10 ** 6)  # every row fitted at the configured ridge
+    in_sample, notes = unseen_error()
+    assert "ridge" not in notes["fc"]
+    assert held_out < 0.95 * in_sample
 
 
 def test_end_to_end_counts_flips_on_score_outputs_and_squared_error_elsewhere():

@@ -78,6 +78,11 @@ class LayerStats:
         self.sxy += X.T @ Y
         self.syy += (Y * Y).sum(0, dtype=np.float64)
 
+    def merged(self, other: "LayerStats") -> "LayerStats":
+        """The stats of both sets of rows."""
+        return LayerStats(self.n + other.n, self.sx + other.sx, self.sxx + other.sxx, self.sy + other.sy,
+                          self.sxy + other.sxy, self.syy + other.syy)
+
     def relative_error(self, w: np.ndarray, b: np.ndarray) -> float:
         """sum ||X w^T + b - Y||^2 / sum ||Y - mean(Y)||^2 over the rows, for w (N, K), b (N,)."""
         w, b = w.astype(np.float64), b.astype(np.float64)
@@ -108,6 +113,24 @@ class LayerStats:
         """(mean_x, G, mean_y) without the (K, K) moment."""
         mx, my = self.sx / self.n, self.sy / self.n
         return mx, self.sxy - self.n * np.outer(mx, my), my
+
+
+RIDGE_STEPS = (1, 10, 100, 1000)  # damps tried where the data cannot pin a layer down: damp times these
+UNDERDETERMINED = 4  # ... that is, where a layer has fewer than this many rows a weight of a filter
+
+
+def held_out_damp(fit_at, fit: LayerStats, held: LayerStats, damp: float) -> float:
+    """The ridge of one layer's output-aware fit: `damp` where the fit's rows pin the layer down (at least
+    UNDERDETERMINED rows a weight of a filter), else the damp * RIDGE_STEPS whose fit, made on `fit` by
+    fit_at(damp) -> (W_hat (N, K), b_hat (N,)), reproduces the original outputs of the held-out rows best.
+    With fewer rows than weights a small ridge lets the fit interpolate the calibration rows, errors of
+    earlier layers and noise alike: the compressed model then matches its calibration images and little
+    else (EfficientNet-Lite0's FC on 64 images: 100 % top-1 agreement on them, 11 % on other crops)."""
+    K = fit.sxx.shape[0]
+    if held.n == 0 or fit.n == 0 or fit.n >= UNDERDETERMINED * K:
+        return damp
+    errors = [held.relative_error(*fit_at(damp * step)) for step in RIDGE_STEPS]
+    return damp * RIDGE_STEPS[int(np.argmin(errors))]
 
 
 @dataclass
