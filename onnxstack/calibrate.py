@@ -240,7 +240,11 @@ class Walk:
             if held is None:
                 stats.add(rows, y)
                 continue
-            out = np.repeat(self.held_out[start:start + len(x)], p)  # rows are image-major: p a sample
+            samples = self.held_out[start:start + self.batch]
+            if len(x) != len(samples):  # the tensor's first axis is not the samples' (a sequence model's
+                stats.add(rows, y)      # (T*B, C) rows): which rows are whose is unknown, all are fitted
+                continue
+            out = np.repeat(samples, p)  # rows are sample-major: p a sample
             stats.add(rows[~out], y[~out])
             held.add(rows[out], y[out])
         return stats if held is None else (stats, held)

@@ -326,6 +326,7 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
             if stats is None:
                 continue
             fit, held = stats if held_out is not None else (stats, None)
+            held = held if held is not None and held.n else None  # rows not per sample: damage in-sample
             bias = weights[info.bias_name] if info.bias_name else None
             cands[info.name], ref = layer_candidates(info, weights[info.weight_name], bias, fit, config, opset, held)
             if ref:

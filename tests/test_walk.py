@@ -239,3 +239,23 @@ def test_held_out_samples_split_each_layers_rows_and_nothing_else(monkeypatch):
     # the held-out samples are 10x louder: the first layer's held rows carry 100x the energy a row
     first_fit, first_held = split[0]
     assert np.trace(first_held.sxx) / first_held.n > 50 * np.trace(first_fit.sxx) / first_fit.n
+
+
+def test_held_out_rows_of_a_layer_whose_first_axis_is_not_the_samples_are_all_fitted():
+    # a sequence model's layer sees (T*B, ...) rows (ddddocr's OCR): which rows are whose is unknown
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((16, 4, 3, 3)) / 6).astype(np.float32), "w")
+    shape = numpy_helper.from_array(np.array([-1, 4, 6, 6], np.int64), "shape")
+    nodes = [helper.make_node("Reshape", ["input", "shape"], ["r"]),
+             helper.make_node("Conv", ["r", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    g = helper.make_graph(nodes, "seq", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", 8, 6, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[w, shape])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    config = CompressConfig(slice_dim=4, calibration_positions=10)
+    infos = [i for i in analyse(model, config) if i.eligible]
+    mask = np.zeros(12, bool)
+    mask[:3] = True
+    with Walk(model, infos, {"input": rng.standard_normal((12, 8, 6, 6)).astype(np.float32)}, config,
+              sequential=False, held_out=mask) as walk:
+        (_, (fit, held)), = list(walk)
+    assert (fit.n, held.n) == (24 * 10, 0)
