@@ -114,6 +114,21 @@ def test_issue_bar():
             {"method": "onnxstack calibrated, target 8x", "m": 0.91},
             {"method": "onnxstack calibrated, target 16x", "m": 0.86}]
     text = rm.issue_bar(rows, "m")
-    assert "8x: 91.0 against 90.0 needed, met" in text and "16x: 86.0 against 87.0 needed, not met" in text
+    assert "8x: 91.0 (calibrated) against 90.0 needed, met" in text
+    assert "16x: 86.0 (calibrated) against 87.0 needed, not met" in text
+    rebuilt = rows + [{"method": "onnxstack reconstructed, target 16x", "m": 0.88}]
+    assert "16x: 88.0 (reconstructed) against 87.0 needed, met" in rm.issue_bar(rebuilt, "m")
     assert "16x: no result" in rm.issue_bar(rows[:2], "m")
     assert rm.issue_bar(rows[1:], "m") == ""
+
+
+def test_allocation_summary_counts_each_representation():
+    report = {"allocation": {"a": {"representation": "binary", "slice_dim": 4, "codebook_size": 256, "terms": 2,
+                                   "bits": 100},
+                             "b": {"representation": "int4", "bits": 40}, "c": {"representation": "binary"}},
+              "reconstruction": {"ran": True, "kept": False, "held_out_output_error": {"closed_form": 1.0}}}
+    got = rm.allocation_summary(report)
+    assert got["layers_by_representation"] == {"binary": 2, "int4": 1}
+    assert got["allocation"]["a"] == ["binary", 4, 256, 2, 100]
+    assert got["reconstruction"]["kept"] is False
+    assert rm.allocation_summary({"reconstruction": {"ran": False}}) == {}
