@@ -54,7 +54,7 @@ class Job:
     config: CompressConfig
     stats: LayerStats | None = None  # calibration statistics (output-aware fitters only)
     opset: int = INT4_MIN_OPSET  # the model's default opset (what integer widths DequantizeLinear takes)
-    quiet: bool = False  # a trial fit (choosing the ridge): no data warnings logged
+    quiet: bool = False  # a trial fit (choosing the ridge): the data are not checked (no warning, no reason)
 
 
 FITTERS: dict[Key, Callable[[Job], Plan]] = {}
@@ -124,11 +124,11 @@ def fit_output(job: Job) -> LayerPlan:
         fit, bias = fit_output_aware(w, job.stats, d, m, terms=k, damp=config.calibration_damp,
                                      iterations=config.iterations, seed=config.seed)
     w_hat = from_slices(fit.decode(), info.shape[1], info.shape[2:]).reshape(info.shape[0], -1)
-    check = check_layer(job.stats, d, info.shape[2:], name=info.name)
-    if not job.quiet:
+    if not job.quiet:  # a trial's plan is thrown away: its check (an eigen-solve and ranks) would be wasted
+        check = check_layer(job.stats, d, info.shape[2:], name=info.name)
         warn(check)  # logged when the data cannot pin the layer down; the reason goes into the report
-    if check.reason:
-        base = replace(base, data_warning=check.reason)
+        if check.reason:
+            base = replace(base, data_warning=check.reason)
     return base.with_fit(fit, relative_error(to_slices(w, d), fit), bias,
                          output_rel_error=job.stats.relative_error(w_hat, bias), fitter="output")
 

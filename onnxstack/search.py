@@ -133,7 +133,7 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
             out.append(Candidate(0, 0, 0, bits, harm, f"int{int_bits}"))
     for d, m, k in (candidate_grid(info, config) if fixed in (None, "binary") else []):
         if d not in metrics:
-            metrics[d] = OutputMetric.build(stats, n, cg, d, (kh, kw), config.calibration_damp)
+            metrics[d] = OutputMetric.build(stats, n, cg, d, (kh, kw), config.calibration_damp, prior=weight)
         if config.scale == "filter":
             fit, new_bias = fit_output_aware_filter(weight, stats, d, m, terms=k, damp=config.calibration_damp,
                                                     iterations=min(config.iterations, 8), seed=config.seed)

@@ -137,7 +137,14 @@ def held_out_damp(fit_at, fit: LayerStats, held: LayerStats, damp: float) -> flo
 class OutputMetric:
     """The output metric of one layer at one slice depth: H (padded to s*D features, damped), the
     least-squares weight W* = H^-1 G, and the upper Cholesky factor U of H^-1 with the per-slice
-    inverse blocks Linv_j = U_jj^-1. Shared by every (m, k) tried at that depth."""
+    inverse blocks Linv_j = U_jj^-1. Shared by every (m, k) tried at that depth.
+
+    With `prior` (the layer's original weight, (N, Cg, kh, kw)) the ridge pulls W* toward it rather than
+    toward zero, W* = (H + lam I)^-1 (G + lam W), as core.intq does: W* = argmin ||Xc w - Yc||^2 + lam ||w - W||^2.
+    Where the calibration rows leave directions of the input space unseen (fewer rows than weights a
+    filter, near-duplicate images), W* then keeps the original weight there instead of zeroing it, and
+    the model still answers inputs that differ from the calibration set; where the rows pin the layer
+    down and its inputs are the original ones, W* is W itself (no shrinkage bias from the damping)."""
 
     d: int
     kernel: tuple[int, int]
@@ -149,7 +156,7 @@ class OutputMetric:
 
     @classmethod
     def build(cls, stats: "LayerStats", n_out: int, channels: int, d: int, kernel: tuple[int, int],
-              damp: float = 0.01) -> "OutputMetric":
+              damp: float = 0.01, prior: np.ndarray | None = None) -> "OutputMetric":
         kh, kw = kernel
         s, D = ceil_div(channels, d), d * kh * kw
         K, Kp = channels * kh * kw, s * D
@@ -166,6 +173,8 @@ class OutputMetric:
         before = float(Hp[0, 0])
         Hp, U = _safe_inverse(Hp)
         lam += float(Hp[0, 0]) - before  # any extra damping _safe_inverse needed
+        if prior is not None:  # the ridge's pull: toward the original weight (padded slices stay zero)
+            Gp[:K] += lam * prior.reshape(n_out, K).T.astype(FIT_DTYPE)
         Wstar = apply_inverse(U, Gp).T
         blocks = U.reshape(s, D, s, D)[np.arange(s), :, np.arange(s)]  # (s, D, D) diagonal blocks
         return cls(d, kernel, Hp, Wstar, U, _safe_block_inverse(blocks), lam)
@@ -178,7 +187,7 @@ def fit_output_aware(weight: np.ndarray, stats: LayerStats, d: int, m: int, *, t
     N, cg, kh, kw = weight.shape
     s, D = ceil_div(cg, d), d * kh * kw
     K, Kp = cg * kh * kw, s * D
-    metric = metric or OutputMetric.build(stats, N, cg, d, (kh, kw), damp)
+    metric = metric or OutputMetric.build(stats, N, cg, d, (kh, kw), damp, prior=weight)
     mx, G, my = stats.centred_cross()
     Wstar = metric.Wstar
     init = fit_binary_codebook(to_slices(Wstar.reshape(N, s * d, kh, kw).astype(np.float32), d), m,
@@ -217,7 +226,7 @@ def fit_output_aware_filter(weight: np.ndarray, stats: LayerStats, d: int, m: in
     N, cg, kh, kw = weight.shape
     s, D = ceil_div(cg, d), d * kh * kw
     K, Kp = cg * kh * kw, s * D
-    metric = OutputMetric.build(stats, N, cg, d, (kh, kw), damp)
+    metric = OutputMetric.build(stats, N, cg, d, (kh, kw), damp, prior=weight)
     mx, H, G, my = stats.centred()
     fit = fit_binary_codebook(to_slices(metric.Wstar.reshape(N, s * d, kh, kw).astype(np.float32), d), m,
                               scale="filter", iterations=iterations, seed=seed, terms=terms)
