@@ -790,6 +790,9 @@ def main():
     print(markdown(results, all_tasks, time.perf_counter() - t0))
 
 
+HEADER = ("title", "calibration_samples", "input_shape", "eval_samples", "conv_params", "file_bytes")
+
+
 def write(results: dict, all_tasks: dict, total: float, args) -> None:
     env = {**environment(), "commit": git_commit(), "cpu_count": os.cpu_count(),
            "load_average_1min_end": os.getloadavg()[0],
@@ -814,7 +817,10 @@ def write(results: dict, all_tasks: dict, total: float, args) -> None:
             before = old["results"].get(name, {})
             if args.only and "rows" in info and "rows" in before:  # row-level merge: the new rows replace theirs
                 new = {r["method"] for r in info["rows"]}
-                info = {**before, "rows": [r for r in before["rows"] if r["method"] not in new] + info["rows"]}
+                # the data of the latest run describe the table (the header's calibration count was stale
+                # when a re-run changed it); whether the table is complete stays the first run's
+                fresh = {k: info[k] for k in HEADER if k in info}
+                info = {**before, **fresh, "rows": [r for r in before["rows"] if r["method"] not in new] + info["rows"]}
             merged[name] = with_drops(info, all_tasks[name].primary) if "rows" in info else info
         merged = {name: merged[name] for name in all_tasks if name in merged}
         runs = {**old.get("runs", {}), **{name: env for name in results}} if not args.only else \

@@ -132,3 +132,27 @@ def test_allocation_summary_counts_each_representation():
     assert got["allocation"]["a"] == ["binary", 4, 256, 2, 100]
     assert got["reconstruction"]["kept"] is False
     assert rm.allocation_summary({"reconstruction": {"ran": False}}) == {}
+
+
+def test_a_merged_rerun_replaces_its_rows_and_the_header_it_measured(tmp_path, monkeypatch):
+    import json
+    import types
+
+    import common
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    task = types.SimpleNamespace(metrics=[("m", "metric", True)], primary="m", caption="")
+    head = {"title": "T", "input_shape": [1, 4, 4], "eval_samples": {"x": 5}, "conv_params": 10, "file_bytes": 100}
+    old = {"runs": {"t": {"commit": "a" * 40, "date": "d"}},
+           "results": {"t": {**head, "calibration_samples": 16, "partial": True, "rows": [
+               {"method": "fp32 original", "conv_ratio": 1.0, "file_ratio": 1.0, "m": 1.0},
+               {"method": "onnxstack calibrated, target 8x", "conv_ratio": 8.0, "file_ratio": 8.0, "m": 0.2}]}}}
+    (tmp_path / "real_models.json").write_text(json.dumps(old))
+    new = {**head, "calibration_samples": 64, "rows": [
+        {"method": "fp32 original", "conv_ratio": 1.0, "file_ratio": 1.0, "m": 1.0},
+        {"method": "onnxstack calibrated, target 8x", "conv_ratio": 8.0, "file_ratio": 8.0, "m": 0.3}]}
+    args = types.SimpleNamespace(models=["t"], merge=True, only=["calibrated, target"])
+    rm.write({"t": new}, {"t": task}, 1.0, args)
+    got = json.loads((tmp_path / "real_models.json").read_text())["results"]["t"]
+    assert got["calibration_samples"] == 64 and got["partial"] is True
+    assert [r["m"] for r in got["rows"]] == [1.0, 0.3]
+    assert "calibration 64 inputs" in (tmp_path / "real_models.md").read_text()
