@@ -55,6 +55,7 @@ class Job:
     stats: LayerStats | None = None  # calibration statistics (output-aware fitters only)
     opset: int = INT4_MIN_OPSET  # the model's default opset (what integer widths DequantizeLinear takes)
     quiet: bool = False  # a trial fit (choosing the ridge): the data are not checked (no warning, no reason)
+    # and a binary fit makes TRIAL_ROUNDS passes (it only ranks ridges; the kept fit makes all of them)
 
 
 FITTERS: dict[Key, Callable[[Job], Plan]] = {}
@@ -107,6 +108,9 @@ def int_candidate(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, s
     return cost.int_bits(n, int(np.prod(weight.shape[1:])), stored, True)["total"], damage
 
 
+TRIAL_ROUNDS = 1
+
+
 @register("binary", "weights")
 def fit_weights(job: Job) -> LayerPlan:
     return plan_layer(job.info, job.weight, job.config)
@@ -122,7 +126,8 @@ def fit_output(job: Job) -> LayerPlan:
                                             iterations=config.iterations, seed=config.seed)
     else:
         fit, bias = fit_output_aware(w, job.stats, d, m, terms=k, damp=config.calibration_damp,
-                                     iterations=config.iterations, seed=config.seed)
+                                     iterations=config.iterations, seed=config.seed,
+                                     rounds=TRIAL_ROUNDS if job.quiet else 3)
     w_hat = from_slices(fit.decode(), info.shape[1], info.shape[2:]).reshape(info.shape[0], -1)
     if not job.quiet:  # a trial's plan is thrown away: its check (an eigen-solve and ranks) would be wasted
         check = check_layer(job.stats, d, info.shape[2:], name=info.name)
