@@ -1,5 +1,5 @@
 """How the calibrated path does with few calibration images: the sample models with 32, 128 and 1,000 of
-their calibration images, at the defaults and at targets 16 and 32, scored on 2,000 test images.
+their calibration images, at the defaults and at targets 16 and 32, scored on the first --test test images.
 
     python bench/small_data.py [--counts 32 128 1000] [--targets 0 16 32] [--test 2000]
 
