@@ -31,7 +31,7 @@ from .core import cost
 from .core.calib import LayerStats, OutputMetric, fit_output_aware, fit_output_aware_filter
 from .core.fit import ceil_div, from_slices
 from .errors import ConfigError, OnnxstackError
-from .fitters import int_candidate, int_storage
+from .fitters import grouped_int8, int_candidate, int_storage
 from .normalise import default_opset
 from .runtime import predict_top1
 
@@ -307,6 +307,8 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
              and "slice depth" in (i.reason or "") else i for i in infos]
     todo = [i for i in infos if i.eligible and i.group == 1]
     opset = default_opset(model)
+    grouped = {name: [Candidate(0, 0, 0, bits, error, "int8")]  # grouped and depthwise convs
+               for name, (bits, error) in grouped_int8(model, infos, config, opset).items()}
     fixed, total, seen, measured = 0, 0, set(), set()
     for info in infos:
         if info.weight_name in seen or not info.shape or len(info.shape) != 4:
@@ -314,6 +316,8 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
         seen.add(info.weight_name)
         dense = cost.dense_bits(*info.shape, info.bias_name is not None)
         total += dense
+        if info.name in grouped:
+            continue
         if not info.eligible or info.group != 1:
             fixed += dense
         else:
@@ -341,7 +345,9 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
     for name, options in cands.items():
         gain = float(np.clip(gains.get(name, typical), 1e-3 * typical, 1e3 * typical))
         cands[name] = [replace(c, damage=c.damage * gain) for c in options]
+    cands.update(grouped)
     return Candidates(cands, fixed, total, gains)
+
 
 
 RATIO_GRID = (4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)

@@ -344,3 +344,24 @@ def test_torch_bridge_runs_and_finetunes_a_mixed_model():
     assert types["conv0.weight.quantized"] == TensorProto.INT4
     np.testing.assert_allclose(run_ort(result.model, {"input": x[:8]})[0],
                                run_ort(decoded_float_model(result.model), {"input": x[:8]})[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_target_ratio_stores_depthwise_convs_as_int8_and_spends_the_bits_elsewhere():
+    # a depthwise conv cannot be sliced (one input channel a group); left float it takes the budget's bits.
+    # The search stores it int8 (weights only, with its reason), counted in the budget; a user's override wins
+    layers = [dict(out=32, pads=[1, 1, 1, 1]), dict(out=32, group=32, pads=[1, 1, 1, 1]), dict(out=32)]
+    model = conv_model(layers, opset=17)
+    data = feeds(48)
+    result = onnxstack.compress(model, CompressConfig(), data=data, target_ratio=8)
+    e = entries(result)
+    assert e["conv1"]["representation"] == "int8" and "grouped conv" in e["conv1"]["fallback"]
+    assert result.report["allocation"]["conv1"]["representation"] == "int8"
+    assert abs(result.report["conv_ratio"] / 8 - 1) < 0.15
+    types = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert types["conv1.weight.quantized"] == TensorProto.INT8
+    x = data["input"][:4]
+    got, original = run_ort(result.model, {"input": x})[0], run_ort(model, {"input": x})[0]
+    assert np.linalg.norm(got - original) < 0.5 * np.linalg.norm(original)
+    kept = onnxstack.compress(model, CompressConfig(overrides={"conv1": LayerOverride(skip=True)}), data=data,
+                              target_ratio=8)
+    assert entries(kept)["conv1"].get("skipped") and "conv1" not in kept.report["allocation"]
