@@ -80,7 +80,6 @@ def held_out_mask(n: int, seed: int) -> np.ndarray | None:
     return mask
 
 
-
 class Walk:
     """Calibration statistics for the layers in graph order, on bounded memory (module docstring). `feeds`:
     a dict of arrays, or a data.Dataset, whose batches are read (and spilled) one at a time at the first cut.
@@ -93,11 +92,8 @@ class Walk:
 
     def __init__(self, model: onnx.ModelProto, layers: list[ConvInfo], feeds,
                  config: CompressConfig, sequential: bool = True, needs=lambda info: info.group == 1,
-                 folder: str | None = None, held_out: np.ndarray | None = None):
+                 folder: str | None = None, held_out: np.ndarray | bool | None = None):
         self.model, self.config, self.sequential, self.needs = model, config, sequential, needs
-        # a boolean mask over the samples: each layer's stats then come as (fit, held) from the rows of the
-        # other samples and of these (the settings search fits on one part and measures damage on the other)
-        self.held_out = None if held_out is None else np.asarray(held_out, bool)
         self.layers = sorted(layers, key=lambda i: i.node_index)
         self.feeds = feeds  # dict of arrays, or a Dataset read a batch at a time at the first cut
         if isinstance(feeds, Mapping):
@@ -108,6 +104,12 @@ class Walk:
             self.n = len(feeds)
             self.batch = feeds.batch_for(BATCH_BYTES, MAX_BATCH)
         self.starts = list(range(0, self.n, self.batch))
+        # a boolean mask over the samples (True: held_out_mask's, None below its minimum): each layer's stats
+        # then come as (fit, held) from the rows of the other samples and of these (the search fits on one
+        # part and measures damage on the other; the final fit chooses its ridge on it)
+        if held_out is True:
+            held_out = held_out_mask(self.n, config.seed)
+        self.held_out = None if held_out is None or held_out is False else np.asarray(held_out, bool)
         self.weights = {t.name: t for t in model.graph.initializer}
         self.replaced: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}  # node index -> decoded (w, b)
         self.rng = np.random.default_rng(config.seed)

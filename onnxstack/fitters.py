@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -196,9 +195,7 @@ def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds, config: Com
     def needs(info):  # asked as the walk reaches the layer: a shared fit is measured at its first user only
         return needs_data(chosen[info.node_index][0]) and (info.weight_name, config.for_layer(info.name)) not in done
 
-    n = len(next(iter(feeds.values()))) if isinstance(feeds, Mapping) else len(feeds)
-    held_out = calibrate.held_out_mask(n, config.seed)
-    with calibrate.Walk(model, todo, feeds, config, sequential=True, needs=needs, held_out=held_out) as walk:
+    with calibrate.Walk(model, todo, feeds, config, sequential=True, needs=needs, held_out=True) as walk:
         for info, stats in walk:
             key = (info.weight_name, config.for_layer(info.name))
             if key in done:

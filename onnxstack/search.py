@@ -25,7 +25,7 @@ import onnx
 from onnx import numpy_helper
 
 from .analyse import INT_MIN_OPSET, ConvInfo, analyse
-from .calibrate import Walk, held_out_mask, install_weights
+from .calibrate import Walk, install_weights
 from .config import CompressConfig, LayerOverride
 from .core import cost
 from .core.calib import LayerStats, OutputMetric, fit_output_aware, fit_output_aware_filter
@@ -297,7 +297,7 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
                          config: CompressConfig, progress: Callable[[int, int, str], None] | None = None) -> Candidates:
     """Fit every layer the search may compress under each candidate setting on the original inputs (one
     data pass), and weigh each layer's damage by its measured end-to-end sensitivity. Fits use the rows of
-    most samples; damage and sensitivity are measured on the others (held_out_mask).
+    most samples; damage and sensitivity are measured on the others (calibrate.held_out_mask).
 
     Layers too thin for the config's slice depth (RGB and 1-channel stems) are candidates too, at the
     slice depths they allow."""
@@ -323,9 +323,9 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
         else:
             measured.add(info.node_index)  # the first layer of each weight
     cands, refs = {}, {}
-    held_out = held_out_mask(len(next(iter(feeds.values()))), config.seed)
     with Walk(model, todo, feeds, config, sequential=False, needs=lambda i: i.node_index in measured,
-              held_out=held_out) as walk:
+              held_out=True) as walk:
+        held_out = walk.held_out
         for info, stats in walk:
             if stats is None:
                 continue
