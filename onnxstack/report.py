@@ -150,8 +150,10 @@ def check_lines(check: dict | None) -> list[str]:
     """The allocations the target-ratio search built and measured end to end, and which one it kept."""
     if not check:
         return []
-    lines = [f"allocation check: {len(check['tried'])} allocations built and run on {check['samples']} calibration "
-             f"samples, ranked by {check['measure']}:"]
+    where = ("held-out calibration samples (the fits did not see them)" if check.get("held_out")
+             else "calibration samples (the ones fitted on: too few to hold any out)")
+    lines = [f"allocation check: {len(check['tried'])} allocations built and run on {check['samples']} {where}, "
+             f"ranked by {check['measure']}:"]
     for t in check["tried"]:
         flips = f", argmax disagreement {t['argmax_disagreement']:.4f}" if "argmax_disagreement" in t else ""
         lines.append(f"  {'kept' if t['kept'] else '    '} {t['allocation']}: {t['conv_ratio']:.2f}x, "

@@ -447,9 +447,18 @@ def test_allocation_check_keeps_the_alternative_that_moves_the_outputs_least(mon
         return {**got, "rank": (-len(calls), 0.0)}
 
     monkeypatch.setattr(pipeline, "end_to_end", rigged)
+    real_fit, fitted = pipeline.fit_stage, []
+
+    def counted(model, settings, progress=None):  # the samples each build is fitted on
+        fitted.append(len(next(iter(settings.feeds.values()))))
+        return real_fit(model, settings, progress)
+
+    monkeypatch.setattr(pipeline, "fit_stage", counted)
     report = onnxstack.compress(model, CompressConfig(), data=feeds, target_ratio=8).report
     check = report["allocation_check"]
-    assert len(check["tried"]) == len(calls) >= 2 and check["samples"] == 32
+    # measured on the held-out quarter (8 of 32 samples), built from the rest; the kept one refitted on all
+    assert len(check["tried"]) == len(calls) >= 2 and check["samples"] == 8 and check["held_out"] is True
+    assert sum(1 for _ in fitted) == len(calls) + 1 and fitted[-1] == 32 and set(fitted[:-1]) == {24}
     assert [t["kept"] for t in check["tried"]] == [False] * (len(calls) - 1) + [True]
     kept = check["tried"][-1]
     assert report["conv_ratio"] == pytest.approx(kept["conv_ratio"])

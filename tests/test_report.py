@@ -108,4 +108,6 @@ def test_table_lists_the_allocation_check_and_marks_the_kept_one():
     lines = check_lines(check)
     assert "2 allocations built and run on 64 calibration samples" in lines[0]
     assert lines[2].strip().startswith("kept Gemm_97 as int4: 8.00x") and "kept" not in lines[1]
+    assert "held-out" not in lines[0]
+    assert "run on 64 held-out calibration samples" in check_lines({**check, "held_out": True})[0]
     assert check_lines(None) == []
