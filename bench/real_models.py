@@ -688,10 +688,13 @@ def markdown(results: dict, tasks_: dict, total_s: float | None = None, runs: di
             done = {r["method"] for r in info["rows"]}
             left = [m.label for m in METHODS if m.label not in done]
             lines.append("Not reached before the run was stopped (CPU budget): " + "; ".join(left) + ".")
+        def outcome(r):
+            if "reconstruction" not in r:
+                return ""
+            kept = r["reconstruction"].get("kept")
+            return f" (reconstruction {'kept' if kept else 'not kept: it did not lower the held-out output error'})"
         chosen = [f"{r['method'].removeprefix('onnxstack ')}: "
-                  + ", ".join(f"{k} {v}" for k, v in sorted(r["layers_by_representation"].items()))
-                  + ("" if "reconstruction" not in r else
-                     f" (reconstruction {'kept' if r['reconstruction'].get('kept') else 'not kept: it did not lower the held-out output error'})")
+                  + ", ".join(f"{k} {v}" for k, v in sorted(r["layers_by_representation"].items())) + outcome(r)
                   for r in info["rows"] if r.get("layers_by_representation")]
         if chosen:
             lines.append("Layers by representation: " + "; ".join(chosen) + ".")

@@ -114,10 +114,11 @@ def grouped_int8(model: onnx.ModelProto, infos: list[ConvInfo], config: Compress
                  opset: int) -> dict[str, tuple[int, float]]:
     """name -> (bits, damage) of the one search candidate (search.layer_candidates_all) of each grouped or
     depthwise conv the user left alone: int8 per output channel, rounded to nearest from its weights (the
-    output-aware fits need group=1, and the binary slicing needs d input channels a group). Kept float, EfficientNet-Lite0's 16 depthwise convs hold 4 % of its
-    weights and take 66 % of the bit budget of a 16x target; int8 stores them (with their float biases)
-    in a third of that, at relative weight errors below 1e-4. The candidate's damage is that relative weight error (not an output error:
-    with one option it does not steer the allocation). Empty below the opset DequantizeLinear needs."""
+    output-aware fits need group=1, and the binary slicing needs d input channels a group). Kept float,
+    EfficientNet-Lite0's 16 depthwise convs hold 4 % of its weights and take 66 % of the bit budget of a
+    16x target; int8 stores them (with their float biases) in a third of that, at relative weight errors
+    below 1e-4. The candidate's damage is that relative weight error (not an output error: with one
+    option it does not steer the allocation). Empty below the opset DequantizeLinear needs."""
     names = [i.name for i in infos if i.group != 1 and i.shape and len(i.shape) == 4 and i.name not in config.overrides]
     if opset < INT_MIN_OPSET or not names:
         return {}
