@@ -120,6 +120,7 @@ def reconstruct_stage(model, out, feeds, plans, option) -> tuple[onnx.ModelProto
     if not any(p is not None and getattr(p, "representation", "binary") == "binary" for _, p in plans):
         return out, {"ran": False, "why": "no binary layer to reconstruct"}
     try:
+        from .torch_bridge.graph import UnsupportedOpError
         from .torch_bridge.reconstruct import ReconstructConfig, reconstruct
     except ImportError:
         if option is not None:
@@ -132,7 +133,10 @@ def reconstruct_stage(model, out, feeds, plans, option) -> tuple[onnx.ModelProto
     order = np.random.default_rng(0).permutation(n)
     held, train = np.sort(order[: max(n // 8, 8)]), np.sort(order[max(n // 8, 8):])
     config = option if isinstance(option, ReconstructConfig) else ReconstructConfig()  # True: the defaults
-    rebuilt, record = reconstruct(model, out, {k: v[train] for k, v in feeds.items()}, config)
+    try:
+        rebuilt, record = reconstruct(model, out, {k: v[train] for k, v in feeds.items()}, config)
+    except UnsupportedOpError as e:  # the closed-form model stands; the report and the CLI say why
+        return out, {"ran": False, "why": f"{e}; the closed-form fit is kept"}
     before, after = (_output_error(model, m, {k: v[held] for k, v in feeds.items()}) for m in (out, rebuilt))
     kept = after < before
     record.update({"ran": True, "kept": bool(kept), "held_out_samples": len(held),

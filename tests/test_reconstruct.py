@@ -266,6 +266,19 @@ def test_compress_reconstructs_when_asked():
     assert none.report["reconstruction"] == {"ran": False, "why": "no calibration data"}
 
 
+def test_a_model_the_torch_bridge_cannot_run_keeps_its_closed_form_fit_with_a_reason():
+    # ddddocr's OCR model has an LSTM: reconstruct=True used to fail the whole compression with the bridge's error
+    model = tiny(False)
+    next(n for n in model.graph.node if n.name == "relu2").op_type = "Softsign"  # onnxruntime has it, the bridge not
+    x = np.random.default_rng(1).standard_normal((48, 4, 6, 6)).astype(np.float32)
+    config = onnxstack.CompressConfig(slice_dim=4, codebook_size=4)
+    on = onnxstack.compress(model, config, data={"x": x}, reconstruct=ReconstructConfig(**HELD))
+    rec = on.report["reconstruction"]
+    assert rec["ran"] is False and "Softsign" in rec["why"] and "closed-form fit is kept" in rec["why"]
+    off = onnxstack.compress(model, config, data={"x": x}, reconstruct=False)
+    assert _inits(on.model) == _inits(off.model)
+
+
 def test_default_does_not_reconstruct(monkeypatch):
     """reconstruct=None (the default) and False skip the stage; True runs it with the default config."""
     calls = []
