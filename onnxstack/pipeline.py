@@ -80,7 +80,7 @@ def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | 
     if default_opset(model) < op.MIN_OPSET:
         model = upgrade_checked(model)
         infos = analyse(model, config)
-    model, opset_record = int4_opset(model, config, data is not None and (target_ratio, max_drop) != (None, None))
+    model, opset_record = int_opset(model, config, data is not None and (target_ratio, max_drop) != (None, None))
     if opset_record.get("upgraded"):
         infos = analyse(model, config)
     feeds, labels, data_check = calibration_data(data, model, config.seed) if data is not None else (None, None, None)
@@ -334,22 +334,28 @@ def require_eligible(infos: list[ConvInfo]) -> None:
 TARGET_TOLERANCE = 1.15  # a target ratio lands within 15% (above it only when that measures less damage)
 
 
-def int4_opset(model: onnx.ModelProto, config: CompressConfig, searching: bool) -> tuple[onnx.ModelProto, dict]:
-    """int4 weights need DequantizeLinear of opset 21. Where int4 is in play (a settings search, whose ladder
-    offers int4 per layer, or a layer override asking for representation "int4") and the model is older, it is upgraded to 21 when
-    onnx's converter can and the outputs stay the same on a random input; else it stays, int4 is not
-    offered, and the record says why."""
+def int_opset(model: onnx.ModelProto, config: CompressConfig, searching: bool) -> tuple[onnx.ModelProto, dict]:
+    """Integer weights need a newer DequantizeLinear: int4 that of opset 21 (where int4 is in play: a settings
+    search, whose ladder offers int4 per layer, or a layer override asking for representation "int4"), the
+    per-channel int8 of `--rest int8` that of opset 13. An older model is upgraded when onnx's converter can
+    and the outputs stay the same on a random input; else it stays, those weights stay as they would at its
+    opset (no int4 layers; rest float), and the record says why."""
     from .fitters import INT4_MIN_OPSET
+    from .rest import MIN_OPSET as REST_MIN_OPSET
 
-    asked = any(o.representation == "int4" for o in config.overrides.values())
     have = default_opset(model)
-    if have >= INT4_MIN_OPSET or not (searching or asked):
+    if searching or any(o.representation == "int4" for o in config.overrides.values()):
+        need, why, otherwise = INT4_MIN_OPSET, "int4 weights (DequantizeLinear of opset 21)", "no int4 layers"
+    elif config.rest == "int8":
+        need, why, otherwise = REST_MIN_OPSET, "--rest int8 (per-channel DequantizeLinear of opset 13)", "rest float"
+    else:
+        return model, {}
+    if have >= need:
         return model, {}
     try:
-        return upgrade_checked(model, INT4_MIN_OPSET), {"upgraded": f"{have} -> {INT4_MIN_OPSET}",
-                                                        "why": "int4 weights (DequantizeLinear of opset 21)"}
+        return upgrade_checked(model, need), {"upgraded": f"{have} -> {need}", "why": why}
     except OnnxstackError as e:
-        return model, {"upgraded": None, "why": f"kept opset {have}, so no int4 layers: {one_line(e, 200)}"}
+        return model, {"upgraded": None, "why": f"kept opset {have}, so {otherwise}: {one_line(e, 200)}"}
 
 
 def check_search_options(config: CompressConfig, feeds, target_ratio, max_drop) -> None:

@@ -8,7 +8,8 @@ and that one node reads as a weight whose output-channel axis is known becomes
 W_hat = s * q along that axis, symmetric, round to nearest with the per-channel clipping of
 core.intq.quantize_weights (zero point 0, not stored). The readers keep their inputs (the dequantized value
 takes the initializer's name). Weights this covers: Conv layers left dense or skipped by compression
-(depthwise and grouped ones included), ConvTranspose (group 1), Gemm and MatMul weights that were not lifted.
+(depthwise and grouped ones included), ConvTranspose (group 1), Gemm and MatMul weights that were not lifted,
+and the input and recurrent weights of LSTM, GRU and RNN (a scale per gate row, shared by both directions).
 
 Left float, each with its reason in the record: biases and other vectors, small tensors, an initializer
 several nodes (or a subgraph, or a graph output) read, one a node reads where no output-channel axis is
@@ -141,6 +142,8 @@ def output_axis(node: onnx.NodeProto, pos: int, rank: int) -> tuple[int | None, 
         return (0 if attrs.get("transB", 0) else 1), None
     if node.op_type == "MatMul" and pos == 1:
         return rank - 1, None
+    if node.op_type in ("LSTM", "GRU", "RNN") and pos in (1, 2) and rank == 3:
+        return 1, None  # W and R: (directions, gates x hidden, inputs); a scale per gate row, both directions
     return None, f"{where}: no output-channel axis"
 
 

@@ -256,3 +256,49 @@ def test_cli_rest_int8_and_a_bad_value(tmp_path):
     help_text = " ".join(runner.invoke(main, ["compress", "--help"]).output.split())
     assert "float32 bits / stored bits of the weights and biases of all Conv layers" in help_text
     assert "--rest [float|int8]" in help_text
+
+
+def test_lstm_input_and_recurrent_weights_are_stored_int8_a_scale_per_gate_row():
+    """ddddocr's OCR keeps 15 MB of LSTM weights float beside its compressed convs: --rest int8 stores W and
+    R along their gate-row axis (1), both directions under one scale a row; onnxruntime runs the result."""
+    from onnxstack.rest import store_rest
+
+    hidden, inputs = 16, 32
+    inits = [_init("W", 2, 4 * hidden, inputs), _init("R", 2, 4 * hidden, hidden),
+             numpy_helper.from_array(np.zeros((2, 8 * hidden), np.float32), "B")]
+    node = helper.make_node("LSTM", ["x", "W", "R", "B"], ["y"], name="lstm", hidden_size=hidden,
+                            direction="bidirectional")
+    graph = helper.make_graph([node], "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "n", inputs])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 2, "n", hidden])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model)
+    record = store_rest(stored, "int8")
+    touched = {e["name"]: e for e in record["touched"]}
+    assert set(touched) == {"W", "R"} and all(e["axis"] == 1 and e["op"] == "LSTM" for e in touched.values())
+    onnx.checker.check_model(stored)
+    x = {"x": RNG.standard_normal((5, 3, inputs)).astype(np.float32)}
+    a, b = run_ort(model, x)[0], run_ort(stored, x)[0]
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.03
+    assert model_bytes(stored) < model_bytes(model) - 2.5 * (2 * 4 * hidden * (inputs + hidden))  # 4 -> 1 byte a value
+
+
+def test_rest_int8_upgrades_an_opset_12_model_to_13_and_says_so():
+    """ddddocr's OCR is opset 12, where DequantizeLinear has no axis: --rest int8 used to store nothing there."""
+    model = conv_model([{"in": 8, "out": 16, "pads": [1, 1, 1, 1]}, {"out": 16}], opset=12)
+    g = model.graph
+    g.node[-1].output[0] = "r1"
+    g.initializer.append(_init("head", 16 * 10 * 10, 10))
+    g.node.extend([helper.make_node("Flatten", ["r1"], ["f"], name="flat"),
+                   helper.make_node("Gemm", ["f", "head"], ["output"], name="head", alpha=0.5)])
+    del g.value_info[:]
+    g.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10]))
+    result = onnxstack.compress(model, CompressConfig(slice_dim=8, rest="int8"))
+    assert result.report["opset"]["upgraded"] == "12 -> 13" and "--rest int8" in result.report["opset"]["why"]
+    assert {e["name"] for e in result.report["rest"]["touched"]} == {"head"}
+    plain = onnxstack.compress(model, CompressConfig(slice_dim=8))
+    assert "opset" not in plain.report  # rest float: the model keeps its opset
+    x = {"input": RNG.standard_normal((2, 8, 12, 12)).astype(np.float32)}
+    a, b = run_ort(plain.model, x)[0], run_ort(result.model, x)[0]
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.03
