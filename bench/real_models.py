@@ -397,6 +397,7 @@ class Task:
     grey: float = 1.0                                 # one grey level (1/255 of the pixel range) in input units
     caption: str = ""
     finetune: Callable[[], np.ndarray] | None = None  # training inputs of the fine-tuned row (calibration photos)
+    no_finetune: str = "not run for this model"       # the fine-tuned row's note when finetune is None
 
 
 def _classifier_score(set_name, ref, out, labels):
@@ -460,6 +461,7 @@ def tasks() -> dict[str, Task]:
              hed, "input",
              calib=lambda quick: hed_input(random_crops(CALIB_PHOTOS, 8, 192, seed=1)),
              evals=hed_evals, score=_hed_score, batch=8,
+             finetune=lambda: hed_input(random_crops(CALIB_PHOTOS, 64, 192, seed=3)),
              metrics=(("crops_psnr", "PSNR dB vs fp32", False), ("crops_f", "edge F vs fp32 at 0.5", True)),
              primary="crops_f"),
         Task("ddddocr_ocr", "ddddocr OCR common.onnx (ddddocr 1.6.1: CNN + LSTM + CTC, opset 12)",
@@ -468,13 +470,14 @@ def tasks() -> dict[str, Task]:
              evals=lambda quick: {"text": rendered_text(50 if quick else 200, seed=2)},
              score=_ocr_score, batch=32, out_axis=1, grey=1 / 255,
              metrics=(("text_accuracy", "strings read right %", True), ("text_match", "strings equal to fp32's %", True)),
-             primary="text_match"),
+             primary="text_match", no_finetune="not run: the torch bridge has no LSTM (fine-tuning needs it)"),
         Task("ddddocr_det", "ddddocr detector common_det.onnx (ddddocr 1.6.1: YOLOX, opset 11, 416x416)",
              lambda out: ddddocr_model("common_det.onnx", out, (1, 3, 416, 416)), "images",
              calib=lambda quick: det_input(with_text(random_crops(CALIB_PHOTOS, 8, 416, 1), 1)),
              evals=lambda quick: {"det": (det_input(with_text(random_crops(EVAL_PHOTOS, 10 if quick else 40, 416, 2),
                                                               2)), None)},
              score=_det_score, batch=8,
+             finetune=lambda: det_input(with_text(random_crops(CALIB_PHOTOS, 32, 416, 3), 3)),
              metrics=(("det_kept", "fp32 detections kept %", True), ("det_precision", "precision vs fp32 %", True)),
              primary="det_kept"),
     ]}
@@ -567,8 +570,10 @@ def run_task(task: Task, methods: list[Method], quick: bool, finetune_minutes: f
     for m in methods:
         row = {"method": m.label}
         reason = available(m)
-        if m.kind == "finetune" and not (task.finetune and finetune_minutes > 0):
-            reason = "not run for this model (CPU budget: one fine-tuned row, EfficientNet-Lite0)"
+        if m.kind == "finetune" and not task.finetune:
+            reason = task.no_finetune
+        elif m.kind == "finetune" and finetune_minutes <= 0:
+            reason = "not run (--finetune-minutes 0)"
         if m.kind == "finetune" and m.base not in models and reason is None:
             reason = f"needs the row '{m.base}'"
         if reason:
