@@ -110,29 +110,34 @@ def int_candidate(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, s
 TRIAL_ROUNDS = 1
 
 
-def grouped_int8(model: onnx.ModelProto, infos: list[ConvInfo], config: CompressConfig,
-                 opset: int) -> dict[str, tuple[int, float]]:
-    """name -> (bits, damage) of the one search candidate (search.layer_candidates_all) of each grouped or
-    depthwise conv the user left alone: int8 per output channel, rounded to nearest from its weights (the
-    output-aware fits need group=1, and the binary slicing needs d input channels a group). Kept float,
-    EfficientNet-Lite0's 16 depthwise convs hold 4 % of its weights and take 66 % of the bit budget of a
-    16x target; int8 stores them (with their float biases) in a third of that, at relative weight errors
-    below 1e-4. The candidate's damage is that relative weight error (not an output error: with one
-    option it does not steer the allocation). Empty below the opset DequantizeLinear needs."""
+def grouped_int(model: onnx.ModelProto, infos: list[ConvInfo], config: CompressConfig,
+                opset: int) -> dict[str, list[tuple[int, float, str]]]:
+    """name -> [(bits, relative weight error, "int8" / "int4")] of the search candidates
+    (search.layer_candidates_all) of each grouped or depthwise conv the user left alone: int8 per output
+    channel, and int4 where the opset has it, rounded to nearest from its weights (the output-aware fits
+    need group=1, and the binary slicing needs d input channels a group). Kept float, EfficientNet-Lite0's
+    16 depthwise convs hold 4 % of its weights and take 66 % of the bit budget of a 16x target; int8 stores
+    them (with their float biases) in a third of that, at relative weight errors below 1e-4; int4 saves a
+    quarter more (a 3x3 filter's scale and bias weigh as much as its weights) and lets a tight budget
+    (above 32x there) be met at all. Empty below the opset DequantizeLinear needs."""
     names = [i.name for i in infos if i.group != 1 and i.shape and len(i.shape) == 4 and i.name not in config.overrides]
     if opset < INT_MIN_OPSET or not names:
         return {}
     as_int = replace(config, overrides={**config.overrides, **{n: LayerOverride(representation="int8") for n in names}})
     weights = {t.name: t for t in model.graph.initializer}
+    widths = (8, 4) if opset >= INT4_MIN_OPSET else (8,)
     out = {}
     for info in analyse(model, as_int):
         if info.name not in names or not info.eligible:
             continue
         w = numpy_helper.to_array(weights[info.weight_name])
-        q, scales = intq.quantize_weights(w, 8)
-        error = float(np.sum((intq.decode(q, scales) - w) ** 2) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30))
-        bits = cost.int_bits(w.shape[0], int(np.prod(w.shape[1:])), 8, info.bias_name is not None)["total"]
-        out[info.name] = (bits, error)
+        norm = max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
+        out[info.name] = []
+        for bits in widths:
+            q, scales = intq.quantize_weights(w, bits)
+            error = float(np.sum((intq.decode(q, scales) - w) ** 2) / norm)
+            stored = cost.int_bits(w.shape[0], int(np.prod(w.shape[1:])), bits, info.bias_name is not None)["total"]
+            out[info.name].append((stored, error, f"int{bits}"))
     return out
 
 

@@ -31,13 +31,14 @@ from .core import cost
 from .core.calib import LayerStats, OutputMetric, fit_output_aware, fit_output_aware_filter
 from .core.fit import ceil_div, from_slices
 from .errors import ConfigError, OnnxstackError
-from .fitters import grouped_int8, int_candidate, int_storage
+from .fitters import grouped_int, int_candidate, int_storage
 from .normalise import default_opset
 from .runtime import predict_top1
 
 log = logging.getLogger("onnxstack")
 
 SLICE_DIMS = (1, 2, 4, 8, 16, 32, 64)
+TOP_SLICE_DIMS = (128, 256)  # only for rungs beyond those SLICE_DIMS reach: the top of the ladder (100x)
 TERMS = (1, 2, 3, 4)
 CODEBOOK_SIZES = (16, 64, 256, 1024, 4096)
 RUNGS = tuple(2.0 ** (k / 2) for k in range(2, 19))  # conv ratios 2x ... 512x, sqrt(2) apart
@@ -76,14 +77,19 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
     config's rule (slices / slices_per_codeword, a power of two) and, where the index stays a byte or the
     codewords are short, the next sizes up to 4096 (uint16 indices); then per rung of conv ratio (sqrt(2)
     apart) the PER_RUNG candidates that spend the most bits on the codebook and indices rather than scales
-    (the terms and codewords that carry information). Cost of the search: about that many fits a layer."""
+    (the terms and codewords that carry information). Slices of TOP_SLICE_DIMS channels only extend the
+    ladder past the highest rung the others reach (a wide 1x1 conv or fully connected layer at 64-100x).
+    Cost of the search: about that many fits a layer."""
     n, cg, kh, kw = info.shape
     has_bias = True  # calibration stores a corrected bias
     dense = cost.dense_bits(n, cg, kh, kw, has_bias)
     rungs: dict[int, list[tuple[float, tuple[int, int, int]]]] = {}
-    for d in SLICE_DIMS:
+    top = None  # the highest rung of SLICE_DIMS
+    for d in SLICE_DIMS + TOP_SLICE_DIMS:
         if d > cg:
             continue
+        if d in TOP_SLICE_DIMS and top is None:
+            top = max(rungs, default=-1)
         D, slices = d * kh * kw, n * ceil_div(cg, d)
         sizes = [m for m in CODEBOOK_SIZES if 2 <= m <= max(2, slices // 2) and m <= 1 << D
                  and m * D * D * 8 <= MAX_CODEBOOK_BYTES]
@@ -96,6 +102,8 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
                 if ratio < 1.5:
                     continue
                 rung = int(np.argmin([abs(np.log(ratio / r)) for r in RUNGS]))
+                if d in TOP_SLICE_DIMS and rung <= top:
+                    continue
                 useful = (bits["codebook"] + bits["indices"]) / bits["total"]
                 rungs.setdefault(rung, []).append((useful, d, (d, m, k)))
     grid = []
@@ -307,8 +315,7 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
              and "slice depth" in (i.reason or "") else i for i in infos]
     todo = [i for i in infos if i.eligible and i.group == 1]
     opset = default_opset(model)
-    grouped = {name: [Candidate(0, 0, 0, bits, error, "int8")]  # grouped and depthwise convs
-               for name, (bits, error) in grouped_int8(model, infos, config, opset).items()}
+    grouped = grouped_int(model, infos, config, opset)  # grouped and depthwise convs: int8 / int4
     fixed, total, seen, measured = 0, 0, set(), set()
     for info in infos:
         if info.weight_name in seen or not info.shape or len(info.shape) != 4:
@@ -345,7 +352,10 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
     for name, options in cands.items():
         gain = float(np.clip(gains.get(name, typical), 1e-3 * typical, 1e3 * typical))
         cands[name] = [replace(c, damage=c.damage * gain) for c in options]
-    cands.update(grouped)
+    # a grouped conv's damage: its relative weight error (the output error of a per-channel filter on its own
+    # inputs, roughly) at the typical layer's sensitivity, as it has no walk stats of its own
+    cands.update({name: [Candidate(0, 0, 0, bits, error * typical, rep) for bits, error, rep in options]
+                  for name, options in grouped.items()})
     return Candidates(cands, fixed, total, gains)
 
 

@@ -308,6 +308,19 @@ def test_target_ratio_lands_within_15_percent_from_4_to_100():
         assert ratio <= target * 1.15 or f"reach {ratio:.1f}x" in report["target_note"], (target, ratio)
 
 
+def test_the_top_of_the_ladder_takes_wide_slices_and_int4_depthwise():
+    # EfficientNet-Lite0's candidates reached 34x: its depthwise convs could only be int8 (a 3x3 filter's
+    # scale and bias weigh as much as its weights) and no slice was longer than 64 channels. Here 64x needs
+    # both: int8 depthwise and 64-channel slices top out near 46x.
+    model = conv_model([{"in": 256, "out": 256, "k": 1}, {"out": 256, "group": 256, "pads": [1, 1, 1, 1]},
+                        {"out": 256, "k": 1}], hw=(4, 4))
+    report = onnxstack.compress(model, CompressConfig(), data=_feeds(model, 24), target_ratio=64).report
+    assert 64 / 1.15 <= report["conv_ratio"] <= 64 * 1.15
+    alloc = report["allocation"]
+    assert alloc["conv1"]["representation"] == "int4"
+    assert all(alloc[n]["representation"] == "binary" and alloc[n]["slice_dim"] > 64 for n in ("conv0", "conv2"))
+
+
 def test_search_mixes_int8_where_it_pays_and_says_so():
     model = conv_model([{"in": 16, "out": 32, "pads": [1, 1, 1, 1]}, {"out": 64, "pads": [1, 1, 1, 1]}], hw=(8, 8))
     result = onnxstack.compress(model, CompressConfig(), data=_feeds(model, 48), target_ratio=4)
