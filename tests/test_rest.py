@@ -201,9 +201,9 @@ def test_rest_float_is_the_default_and_keeps_the_config_json():
         CompressConfig(rest="int4")
 
 
-def test_unlifted_gemm_weight_is_stored_int8_through_the_pipeline():
-    """A Gemm with alpha != 1 is not lifted to a Conv: --rest int8 stores its (K, N) weight along axis 1."""
-    model = conv_model([{"in": 8, "out": 16, "pads": [1, 1, 1, 1]}, {"out": 16}])
+def _unlifted_head(opset=17):
+    """Two convs, then a Gemm with alpha != 1 (not lifted to a Conv) reading a (K, N) weight "head"."""
+    model = conv_model([{"in": 8, "out": 16, "pads": [1, 1, 1, 1]}, {"out": 16}], opset=opset)
     g = model.graph
     g.node[-1].output[0] = "r1"
     g.initializer.append(_init("head", 16 * 10 * 10, 10))
@@ -211,6 +211,12 @@ def test_unlifted_gemm_weight_is_stored_int8_through_the_pipeline():
                    helper.make_node("Gemm", ["f", "head"], ["output"], name="head", alpha=0.5)])
     del g.value_info[:]
     g.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10]))
+    return model
+
+
+def test_unlifted_gemm_weight_is_stored_int8_through_the_pipeline():
+    """A Gemm with alpha != 1 is not lifted to a Conv: --rest int8 stores its (K, N) weight along axis 1."""
+    model = _unlifted_head()
     result = onnxstack.compress(model, CompressConfig(slice_dim=8, rest="int8"))
     touched = {e["name"]: e for e in result.report["rest"]["touched"]}
     assert set(touched) == {"head"} and touched["head"]["axis"] == 1 and touched["head"]["op"] == "Gemm"
@@ -286,14 +292,7 @@ def test_lstm_input_and_recurrent_weights_are_stored_int8_a_scale_per_gate_row()
 
 def test_rest_int8_upgrades_an_opset_12_model_to_13_and_says_so():
     """ddddocr's OCR is opset 12, where DequantizeLinear has no axis: --rest int8 used to store nothing there."""
-    model = conv_model([{"in": 8, "out": 16, "pads": [1, 1, 1, 1]}, {"out": 16}], opset=12)
-    g = model.graph
-    g.node[-1].output[0] = "r1"
-    g.initializer.append(_init("head", 16 * 10 * 10, 10))
-    g.node.extend([helper.make_node("Flatten", ["r1"], ["f"], name="flat"),
-                   helper.make_node("Gemm", ["f", "head"], ["output"], name="head", alpha=0.5)])
-    del g.value_info[:]
-    g.output[0].CopyFrom(helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 10]))
+    model = _unlifted_head(opset=12)
     result = onnxstack.compress(model, CompressConfig(slice_dim=8, rest="int8"))
     assert result.report["opset"]["upgraded"] == "12 -> 13" and "--rest int8" in result.report["opset"]["why"]
     assert {e["name"] for e in result.report["rest"]["touched"]} == {"head"}
