@@ -97,7 +97,7 @@ def main() -> None:
 
 
 def fashion_target(n_test: int, target: float = 20.0) -> dict:
-    """Fashion sample, --data (its 1,000 calibration images) --target-ratio 20: top-1 on test images."""
+    """Fashion sample, --data (its calibration images) --target-ratio 20: top-1 on test images."""
     model_path, test_path, calib_path = SAMPLES["fashion_cnn"]
     model = onnx.load(REPO / model_path)
     inp = model.graph.input[0].name
