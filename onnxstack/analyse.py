@@ -209,7 +209,7 @@ def _reason(name, node, context, config) -> str | None:
     if slices < 2:
         return f"only {slices} slice, a codebook needs at least 2"
     w = numpy_helper.to_array(tensor)
-    return _finite_reason(w, bias, consts) or _float16_reason(w, d, config.scale)
+    return _finite_reason(w, bias, consts) or _float16_reason(w, d, settings.scale)
 
 
 def _finite_reason(w: np.ndarray, bias, consts) -> str | None:

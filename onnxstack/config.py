@@ -32,6 +32,7 @@ class LayerOverride:
     skip: bool = False
     reason: str | None = None  # why the layer is skipped, when not the user's choice
     representation: str | None = None  # "binary" (the default), "int8" or "int4" (per output channel)
+    scale: str | None = None  # a binary layer's scale mode ("slice" or "filter"); None: the config's
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,8 @@ class CompressConfig:
                 raise ConfigError(f"terms of {name!r} must be an integer in [1, 4], got {ov.terms!r}")
             if ov.execution is not None:
                 _check_execution(ov.execution, f"execution of {name!r}")
+            if ov.scale is not None and ov.scale not in SCALE_MODES:
+                raise ConfigError(f"scale of {name!r} must be one of {SCALE_MODES}, got {ov.scale!r}")
             if ov.representation is not None and ov.representation not in REPRESENTATIONS:
                 raise ConfigError(f"representation of {name!r} must be one of {REPRESENTATIONS}, "
                                   f"got {ov.representation!r}")
@@ -122,6 +125,7 @@ class CompressConfig:
             skip=ov.skip or name in self.skip,
             skip_reason=ov.reason if ov.skip and ov.reason else "excluded by the user",
             representation=ov.representation or "binary",
+            scale=ov.scale or self.scale,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -159,6 +163,7 @@ class LayerSettings:
     terms: int = 1
     skip_reason: str = "excluded by the user"
     representation: str = "binary"
+    scale: str = "slice"
 
     @property
     def int_bits(self) -> int | None:
@@ -172,6 +177,8 @@ def _override_dict(ov: LayerOverride) -> dict[str, Any]:
     d = dataclasses.asdict(ov)
     if d["representation"] is None:
         del d["representation"]
+    if d["scale"] is None:  # likewise for a per-layer scale mode
+        del d["scale"]
     return d
 
 

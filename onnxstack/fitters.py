@@ -151,7 +151,7 @@ def fit_output(job: Job) -> LayerPlan:
     info, w, config = job.info, job.weight, job.config
     base = plan_layer(info, w, config, fit=False)
     d, m, k = base.slice_dim, base.codebook_size, base.terms
-    if config.scale == "filter":
+    if config.for_layer(info.name).scale == "filter":
         fit, bias = fit_output_aware_filter(w, job.stats, d, m, terms=k, damp=config.calibration_damp,
                                             iterations=config.iterations, seed=config.seed)
     else:

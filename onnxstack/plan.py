@@ -161,7 +161,7 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig, *, fi
         raise ConfigError(f"codebook size m={m} exceeds the {n_slices} slices of layer '{info.name}' "
                           f"(weight {list(weight.shape)}, d={d}); use m <= {n_slices} or skip the layer")
     if fit:
-        result = fit_binary_codebook(slices, m, scale=config.scale, iterations=config.iterations, seed=config.seed,
+        result = fit_binary_codebook(slices, m, scale=settings.scale, iterations=config.iterations, seed=config.seed,
                                      terms=settings.terms)
     else:
         k = settings.terms
@@ -175,6 +175,6 @@ def plan_layer(info: ConvInfo, weight: np.ndarray, config: CompressConfig, *, fi
         form = cost.choose_form(n_out, cg, kh, kw, slices.shape[1], d, m, info.group, pixels=info.pixels)
     return LayerPlan(
         name=info.name, weight_name=info.weight_name, shape=(n_out, cg, kh, kw), slice_dim=d,
-        codebook_size=m, scale=config.scale, execution=form, fit=result, auto_form=auto,
+        codebook_size=m, scale=settings.scale, execution=form, fit=result, auto_form=auto,
         weight_rel_error=relative_error(slices, result), has_bias=info.bias_name is not None, note=note,
     )

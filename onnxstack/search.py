@@ -64,26 +64,34 @@ class Candidate:
     bits: int
     damage: float
     representation: str = "binary"  # "binary", "int8", "int4" or "float" (kept dense)
+    scale: str = "slice"  # a binary candidate's scale mode
 
     @property
     def dense(self) -> bool:
         return self.representation == "float"
 
 
-def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, int, int]]:
-    """(d, m, k) worth trying for one layer: a ladder of stored sizes with no holes.
+def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, int, int, str]]:
+    """(d, m, k, scale mode) worth trying for one layer: a ladder of stored sizes with no holes.
 
     Every (d, k) with d up to the layer's channels and k up to 4 terms, each with the codebook size of the
     config's rule (slices / slices_per_codeword, a power of two) and, where the index stays a byte or the
     codewords are short, the next sizes up to 4096 (uint16 indices); then per rung of conv ratio (sqrt(2)
     apart) the PER_RUNG candidates that spend the most bits on the codebook and indices rather than scales
-    (the terms and codewords that carry information). Slices of TOP_SLICE_DIMS channels only extend the
+    (the terms and codewords that carry information), at the config's scale mode; and per rung the most
+    informative candidate with the other scale mode. One float16 scale a slice costs 16 bits a slice (one
+    a 1x1 conv's 16-channel slice holds), one a filter next to nothing: per-filter scales put those bits
+    into more terms and codewords, which pays on wide 1x1 convs and fully connected layers (EfficientNet-
+    Lite0 at 16x: its FC binary with three terms at under a bit a weight), while slice scales follow
+    the weights' magnitude better where slices are long. Slices of TOP_SLICE_DIMS channels only extend the
     ladder past the highest rung the others reach (a wide 1x1 conv or fully connected layer at 64-100x).
     Cost of the search: about that many fits a layer."""
     n, cg, kh, kw = info.shape
     has_bias = True  # calibration stores a corrected bias
     dense = cost.dense_bits(n, cg, kh, kw, has_bias)
-    rungs: dict[int, list[tuple[float, tuple[int, int, int]]]] = {}
+    other = "filter" if config.scale == "slice" else "slice"
+    rungs: dict[int, list[tuple[float, int, tuple[int, int, int, str]]]] = {}
+    others: dict[int, list[tuple[float, int, tuple[int, int, int, str]]]] = {}
     top = None  # the highest rung of SLICE_DIMS
     for d in SLICE_DIMS + TOP_SLICE_DIMS:
         if d > cg:
@@ -97,21 +105,22 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
             for k in TERMS:
                 if m != sizes[0] and n * cg * kh * kw * m * k > MAX_FIT_MACS:
                     continue
-                bits = cost.compressed_bits(n, ceil_div(cg, d), d, kh, kw, m, config.scale, has_bias, k)
-                ratio = dense / bits["total"]
-                if ratio < 1.5:
-                    continue
-                rung = int(np.argmin([abs(np.log(ratio / r)) for r in RUNGS]))
-                if d in TOP_SLICE_DIMS and rung <= top:
-                    continue
-                useful = (bits["codebook"] + bits["indices"]) / bits["total"]
-                rungs.setdefault(rung, []).append((useful, d, (d, m, k)))
+                for scale, into in ((config.scale, rungs), (other, others)):
+                    bits = cost.compressed_bits(n, ceil_div(cg, d), d, kh, kw, m, scale, has_bias, k)
+                    ratio = dense / bits["total"]
+                    if ratio < 1.5:
+                        continue
+                    rung = int(np.argmin([abs(np.log(ratio / r)) for r in RUNGS]))
+                    if d in TOP_SLICE_DIMS and rung <= top:
+                        continue
+                    useful = (bits["codebook"] + bits["indices"]) / bits["total"]
+                    into.setdefault(rung, []).append((useful, d, (d, m, k, scale)))
     grid = []
     for rung in sorted(rungs):  # per rung: the most informative candidate, and the one with the longest slices
         options = rungs[rung]
         picks = [max(options)[2], max(options, key=lambda o: (o[1], o[0]))[2]]
         grid += list(dict.fromkeys(picks))[:PER_RUNG]
-    return grid
+    return grid + [max(others[rung])[2] for rung in sorted(others)]
 
 
 def damage(weight: np.ndarray, fit, new_bias: np.ndarray, stats: LayerStats) -> float:
@@ -139,19 +148,20 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
         if fixed in (None, f"int{int_bits}") and int_storage(int_bits, opset)[0] == int_bits:
             bits, harm = int_candidate(info, weight, bias, stats, int_bits, opset, config.calibration_damp, held)
             out.append(Candidate(0, 0, 0, bits, harm, f"int{int_bits}"))
-    for d, m, k in (candidate_grid(info, config) if fixed in (None, "binary") else []):
-        if d not in metrics:
+    for d, m, k, scale in (candidate_grid(info, config) if fixed in (None, "binary") else []):
+        if d not in metrics and scale == "slice":
             metrics[d] = OutputMetric.build(stats, n, cg, d, (kh, kw), config.calibration_damp, prior=weight)
-        if config.scale == "filter":
+        if scale == "filter":
             fit, new_bias = fit_output_aware_filter(weight, stats, d, m, terms=k, damp=config.calibration_damp,
                                                     iterations=min(config.iterations, 8), seed=config.seed)
         else:
             fit, new_bias = fit_output_aware(weight, stats, d, m, terms=k, iterations=min(config.iterations, 8),
                                              seed=config.seed, rounds=1, metric=metrics[d])
-        bits = cost.compressed_bits(n, ceil_div(cg, d), d, kh, kw, m, config.scale, True, k)["total"]
-        out.append(Candidate(d, m, k, bits, damage(weight, fit, new_bias, stats if held is None else held)))
+        bits = cost.compressed_bits(n, ceil_div(cg, d), d, kh, kw, m, scale, True, k)["total"]
+        out.append(Candidate(d, m, k, bits, damage(weight, fit, new_bias, stats if held is None else held),
+                             scale=scale))
         distance = abs(np.log(dense_bits / bits / REFERENCE_RATIO))
-        if out[-1].damage > 0 and (ref is None or distance < ref[0]):
+        if out[-1].damage > 0 and scale == config.scale and (ref is None or distance < ref[0]):
             ref = (distance, out[-1], from_slices(fit.decode(), cg, (kh, kw)), new_bias)
     out.append(Candidate(0, 0, 0, dense_bits, 0.0, "float"))
     return out, ({"candidate": ref[1], "weight": ref[2], "bias": ref[3]} if ref else {})
@@ -232,7 +242,8 @@ def overrides_for(choice: dict[str, Candidate], config: CompressConfig) -> Compr
         else:
             ov[name] = LayerOverride(slice_dim=c.slice_dim, codebook_size=c.codebook_size, terms=c.terms,
                                      execution=old.execution, skip=old.skip, reason=old.reason,
-                                     representation=old.representation)
+                                     representation=old.representation,
+                                     scale=None if c.scale == config.scale else c.scale)
     return replace(config, overrides=ov)
 
 
@@ -264,7 +275,8 @@ class Candidates:
     def apply(self, config: CompressConfig, choice: dict[str, Candidate]) -> tuple[CompressConfig, dict]:
         """The config with `choice` as per-layer overrides, and the choice table of the report."""
         table = {name: {"representation": c.representation, "slice_dim": c.slice_dim or None, "codebook_size": c.codebook_size or None,
-                        "terms": c.terms or None, "dense": c.dense, "bits": c.bits, "damage": c.damage,
+                        "terms": c.terms or None, "scale": c.scale if c.representation == "binary" else None,
+                        "dense": c.dense, "bits": c.bits, "damage": c.damage,
                         "candidates": len(self.per_layer[name]), "sensitivity": self.sensitivity.get(name)}
                  for name, c in choice.items()}
         return overrides_for(choice, config), table

@@ -87,6 +87,15 @@ def decoded_float_model(compressed):
 # --- config ----------------------------------------------------------------------------------------
 
 
+def test_config_per_layer_scale_is_validated_round_trips_and_is_stored_only_when_set():
+    with pytest.raises(ConfigError, match="scale of 'c'"):
+        CompressConfig(overrides={"c": LayerOverride(scale="channel")})
+    cfg = CompressConfig(overrides={"a": LayerOverride(scale="filter"), "b": LayerOverride(slice_dim=8)})
+    assert cfg.for_layer("a").scale == "filter" and cfg.for_layer("b").scale == cfg.for_layer("zz").scale == "slice"
+    assert "scale" not in cfg.to_dict()["overrides"]["b"] and cfg.to_dict()["overrides"]["a"]["scale"] == "filter"
+    assert CompressConfig.from_dict(json.loads(cfg.to_json())) == cfg
+
+
 def test_config_representation_is_validated_and_stored_only_when_set():
     with pytest.raises(ConfigError, match="representation of 'c'"):
         CompressConfig(overrides={"c": LayerOverride(representation="int2")})

@@ -321,6 +321,18 @@ def test_the_top_of_the_ladder_takes_wide_slices_and_int4_depthwise():
     assert all(alloc[n]["representation"] == "binary" and alloc[n]["slice_dim"] > 64 for n in ("conv0", "conv2"))
 
 
+def test_the_search_chooses_the_scale_mode_per_layer_and_the_plan_follows_it():
+    # a float16 scale a 16-weight slice is a bit a weight on a 1x1 conv: per-filter scales spend it on terms
+    model = conv_model([{"in": 128, "out": 128, "k": 1}, {"out": 128, "k": 1}, {"out": 64, "pads": [1, 1, 1, 1]}],
+                       hw=(4, 4))
+    report = onnxstack.compress(model, CompressConfig(), data=_feeds(model, 24), target_ratio=32).report
+    alloc, plans = report["allocation"], {e["name"]: e for e in report["layers"]}
+    binary = [n for n, a in alloc.items() if a["representation"] == "binary"]
+    assert binary and all(plans[n]["scale"] == alloc[n]["scale"] for n in binary)
+    assert "filter" in {alloc[n]["scale"] for n in binary}
+    assert 32 / 1.15 <= report["conv_ratio"] <= 32 * 1.15
+
+
 def test_search_mixes_int8_where_it_pays_and_says_so():
     model = conv_model([{"in": 16, "out": 32, "pads": [1, 1, 1, 1]}, {"out": 64, "pads": [1, 1, 1, 1]}], hw=(8, 8))
     result = onnxstack.compress(model, CompressConfig(), data=_feeds(model, 48), target_ratio=4)
