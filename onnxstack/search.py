@@ -79,19 +79,14 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
     codewords are short, the next sizes up to 4096 (uint16 indices); then per rung of conv ratio (sqrt(2)
     apart) the PER_RUNG candidates that spend the most bits on the codebook and indices rather than scales
     (the terms and codewords that carry information), at the config's scale mode; and per rung the most
-    informative candidate with the other scale mode. One float16 scale a slice costs 16 bits a slice (one
-    a 1x1 conv's 16-channel slice holds), one a filter next to nothing: per-filter scales put those bits
-    into more terms and codewords, which pays on wide 1x1 convs and fully connected layers (EfficientNet-
-    Lite0 at 16x: its FC binary with three terms at under a bit a weight), while slice scales follow
-    the weights' magnitude better where slices are long. Slices of TOP_SLICE_DIMS channels only extend the
-    ladder past the highest rung the others reach (a wide 1x1 conv or fully connected layer at 64-100x).
-    Cost of the search: about that many fits a layer."""
+    informative one with the other mode (a float16 scale a 16-weight slice is a bit a weight: per-filter
+    scales spend it on terms, which pays on wide 1x1 convs and FC layers). TOP_SLICE_DIMS only extend
+    the ladder past the highest rung the others reach. Cost of the search: about that many fits a layer."""
     n, cg, kh, kw = info.shape
     has_bias = True  # calibration stores a corrected bias
     dense = cost.dense_bits(n, cg, kh, kw, has_bias)
     other = "filter" if config.scale == "slice" else "slice"
-    rungs: dict[int, list[tuple[float, int, tuple[int, int, int, str]]]] = {}
-    others: dict[int, list[tuple[float, int, tuple[int, int, int, str]]]] = {}
+    rungs, others = {}, {}  # rung -> [(share of useful bits, d, (d, m, k, scale))], at the config's / other mode
     top = None  # the highest rung of SLICE_DIMS
     for d in SLICE_DIMS + TOP_SLICE_DIMS:
         if d > cg:
