@@ -545,7 +545,7 @@ def finetune_cli(compressed: Path, original: Path, data: Path, out: Path, minute
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError((p.stderr.strip().splitlines() or ["exit code %d" % p.returncode])[-1])
-    return onnx.load(out), p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+    return onnx.load(out), p.stdout.strip()  # the per-epoch held-out scores, the kept epoch marked
 
 
 def one_line(e: BaseException) -> str:
