@@ -31,6 +31,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnxstack  # noqa: E402
+import common  # noqa: E402
 from common import REPO, SAMPLES, load_npz, write_results  # noqa: E402
 from onnxstack.analyse import analyse  # noqa: E402
 from onnxstack.errors import ConfigError  # noqa: E402
@@ -82,14 +83,21 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=16, help="calibration samples of the candidates")
     ap.add_argument("--confirm", nargs="+", type=float, default=[6, 24, 80],
                     help="targets compressed in full on the sample models")
+    ap.add_argument("--merge", action="store_true", help="keep the other models of bench/results/ladder.json")
     args = ap.parse_args()
     logging.getLogger("onnxstack").setLevel(logging.ERROR)  # the data check's warnings are expected here
     results = {"targets": list(TARGETS), "calibration": args.calibration, "tolerance": TOLERANCE, "models": {}}
+    old = REPO / "bench" / "results" / "ladder.json"
+    if args.merge and old.exists():
+        kept = json.loads(old.read_text())
+        stamp = kept.get("measured_at", {}).get("commit", "")
+        results["models"] = {n: {"commit": stamp, **e} for n, e in kept["models"].items()}  # the order stays
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             model, feeds = model_and_data(name, args.calibration, Path(tmp))
             rows, seconds, top = ladder(model, feeds, TARGETS)
-            entry = {"rows": rows, "candidate_seconds": seconds, "max_ratio": top, "confirmed": []}
+            entry = {"rows": rows, "candidate_seconds": seconds, "max_ratio": top, "confirmed": [],
+                     "commit": common.START_STATE.get("commit", "")}
             if name in SAMPLES:
                 for r in args.confirm:
                     report = onnxstack.compress(model, data=feeds, target_ratio=r).report
@@ -105,7 +113,7 @@ def real_model_ratios() -> dict:
     out: dict = {}
     if not path.exists():
         return out
-    for name, info in json.loads(path.read_text()).get("models", {}).items():
+    for name, info in json.loads(path.read_text()).get("results", {}).items():
         for row in info.get("rows", []):
             label = row.get("method", "")
             if "target" in label and "conv_ratio" in row:
@@ -134,6 +142,10 @@ def render(results: dict) -> str:
     misses = {n: [r["target"] for r in e["rows"] if not r.get("within")] for n, e in results["models"].items()}
     lines += ["", "Within the tolerance at every R: " + "; ".join(
         f"{n}: {'yes' if not m else 'no (' + ', '.join(f'{t:g}' for t in m) + ')'}" for n, m in misses.items()) + "."]
+    commits = {e.get("commit", "")[:12] for e in results["models"].values()}
+    if len(commits) > 1:
+        lines.append("Models measured at different commits: " + ", ".join(
+            f"{n} {e.get('commit', '')[:12]}" for n, e in results["models"].items()) + ".")
     lines.append("Candidate time (s, once a model): " + ", ".join(
         f"{n} {e['candidate_seconds']:.0f}" for n, e in results["models"].items()) + "; highest ratio the candidates "
         "reach: " + ", ".join(f"{n} {e['max_ratio']:.0f}x" for n, e in results["models"].items()) + ".")
