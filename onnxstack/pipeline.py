@@ -74,15 +74,8 @@ def run(model_or_path, config: CompressConfig, data=None, target_ratio: float | 
         max_drop: float | None = None, progress: Progress | None = None, reconstruct=None):
     """(compressed model, report, config used, source): the stages in order."""
     source = load_stage(model_or_path)
-    model = source.model
-    infos = analyse(model, config)
-    require_eligible(infos)
-    if default_opset(model) < op.MIN_OPSET:
-        model = upgrade_checked(model)
-        infos = analyse(model, config)
-    model, opset_record = int_opset(model, config, data is not None and (target_ratio, max_drop) != (None, None))
-    if opset_record.get("upgraded"):
-        infos = analyse(model, config)
+    searching = data is not None and (target_ratio, max_drop) != (None, None)
+    model, infos, opset_record = opset_stage(source.model, config, searching)
     feeds, labels, data_check = calibration_data(data, model, config.seed) if data is not None else (None, None, None)
     settings = allocate_stage(model, infos, feeds, labels, config, target_ratio, max_drop, source.original_bytes,
                               progress)
@@ -159,6 +152,21 @@ def _output_error(original, compressed, feeds) -> float:
 def as_arrays(feeds) -> dict[str, np.ndarray] | None:
     """Calibration feeds in memory: a Dataset's samples (all of them) read now; a dict as it is."""
     return feeds.arrays()[0] if feeds is not None and not isinstance(feeds, dict) else feeds
+
+
+def opset_stage(model: onnx.ModelProto, config: CompressConfig, searching: bool):
+    """(model, its ConvInfos, the opset record): the loaded model with at least one eligible Conv, upgraded
+    to op.MIN_OPSET when below it and to what the integer weights in play need (int_opset); `searching`:
+    a settings search will run (it offers int4 per layer)."""
+    infos = analyse(model, config)
+    require_eligible(infos)
+    if default_opset(model) < op.MIN_OPSET:
+        model = upgrade_checked(model)
+        infos = analyse(model, config)
+    model, record = int_opset(model, config, searching)
+    if record.get("upgraded"):
+        infos = analyse(model, config)
+    return model, infos, record
 
 
 def load_stage(model_or_path) -> Source:
