@@ -85,14 +85,14 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
     n, cg, kh, kw = info.shape
     has_bias = True  # calibration stores a corrected bias
     dense = cost.dense_bits(n, cg, kh, kw, has_bias)
-    other = "filter" if config.scale == "slice" else "slice"
-    rungs, others = {}, {}  # rung -> [(share of useful bits, d, (d, m, k, scale))], at the config's / other mode
+    fixed = config.overrides.get(info.name, LayerOverride()).scale  # a user's scale mode is the only one tried
+    rungs, others, mode = {}, {}, fixed or config.scale  # rung -> [(share of useful bits, d, (d, m, k, scale))]
+    modes = ((mode, rungs),) if fixed else ((mode, rungs), ("filter" if mode == "slice" else "slice", others))
     top = None  # the highest rung of SLICE_DIMS
     for d in SLICE_DIMS + TOP_SLICE_DIMS:
         if d > cg:
             continue
-        if d in TOP_SLICE_DIMS and top is None:
-            top = max(rungs, default=-1)
+        top = max(rungs, default=-1) if d in TOP_SLICE_DIMS and top is None else top
         D, slices = d * kh * kw, n * ceil_div(cg, d)
         sizes = [m for m in CODEBOOK_SIZES if 2 <= m <= max(2, slices // 2) and m <= 1 << D
                  and m * D * D * 8 <= MAX_CODEBOOK_BYTES]
@@ -100,7 +100,7 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
             for k in TERMS:
                 if m != sizes[0] and n * cg * kh * kw * m * k > MAX_FIT_MACS:
                     continue
-                for scale, into in ((config.scale, rungs), (other, others)):
+                for scale, into in modes:
                     bits = cost.compressed_bits(n, ceil_div(cg, d), d, kh, kw, m, scale, has_bias, k)
                     ratio = dense / bits["total"]
                     if ratio < 1.5:
@@ -138,6 +138,7 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
     n, cg, kh, kw = weight.shape
     dense_bits = cost.dense_bits(n, cg, kh, kw, bias is not None)
     fixed = config.overrides.get(info.name, LayerOverride()).representation
+    layer_scale = config.for_layer(info.name).scale  # the sensitivity is measured at it
     metrics, ref = {}, None
     for int_bits in (8, 4) if opset >= INT_MIN_OPSET else ():  # below: the fit would leave the layer dense
         if fixed in (None, f"int{int_bits}") and int_storage(int_bits, opset)[0] == int_bits:
@@ -153,10 +154,9 @@ def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None
             fit, new_bias = fit_output_aware(weight, stats, d, m, terms=k, iterations=min(config.iterations, 8),
                                              seed=config.seed, rounds=1, metric=metrics[d])
         bits = cost.compressed_bits(n, ceil_div(cg, d), d, kh, kw, m, scale, True, k)["total"]
-        out.append(Candidate(d, m, k, bits, damage(weight, fit, new_bias, stats if held is None else held),
-                             scale=scale))
+        out.append(Candidate(d, m, k, bits, damage(weight, fit, new_bias, stats if held is None else held), scale=scale))
         distance = abs(np.log(dense_bits / bits / REFERENCE_RATIO))
-        if out[-1].damage > 0 and scale == config.scale and (ref is None or distance < ref[0]):
+        if out[-1].damage > 0 and scale == layer_scale and (ref is None or distance < ref[0]):
             ref = (distance, out[-1], from_slices(fit.decode(), cg, (kh, kw)), new_bias)
     out.append(Candidate(0, 0, 0, dense_bits, 0.0, "float"))
     return out, ({"candidate": ref[1], "weight": ref[2], "bias": ref[3]} if ref else {})

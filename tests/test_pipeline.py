@@ -333,6 +333,18 @@ def test_the_search_chooses_the_scale_mode_per_layer_and_the_plan_follows_it():
     assert 32 / 1.15 <= report["conv_ratio"] <= 32 * 1.15
 
 
+def test_a_users_per_layer_scale_mode_is_the_only_one_the_search_tries_there():
+    from onnxstack.analyse import analyse
+    from onnxstack.config import LayerOverride
+    from onnxstack.search import candidate_grid
+
+    model = conv_model([{"in": 64, "out": 64, "k": 1}, {"out": 64, "k": 1}], hw=(4, 4))
+    config = CompressConfig(overrides={"conv0": LayerOverride(scale="filter")})
+    infos = {i.name: i for i in analyse(model, config)}
+    assert {g[3] for g in candidate_grid(infos["conv0"], config)} == {"filter"}
+    assert {g[3] for g in candidate_grid(infos["conv1"], config)} == {"slice", "filter"}
+
+
 def test_search_mixes_int8_where_it_pays_and_says_so():
     model = conv_model([{"in": 16, "out": 32, "pads": [1, 1, 1, 1]}, {"out": 64, "pads": [1, 1, 1, 1]}], hw=(8, 8))
     result = onnxstack.compress(model, CompressConfig(), data=_feeds(model, 48), target_ratio=4)
