@@ -25,6 +25,20 @@ SAMPLES = {
 }
 
 
+def bench_model(name: str, tmp: Path) -> onnx.ModelProto:
+    """A model of the benches by name: a sample (SAMPLES), a bench/zoo.py export, or a real pretrained
+    model of bench/real_models.py (built into `tmp`)."""
+    if name in SAMPLES:
+        return onnx.load(REPO / SAMPLES[name][0])
+    import zoo
+
+    if name in zoo.MODELS:
+        return onnx.load(zoo.model_path(name))
+    import real_models as rm
+
+    return onnx.load(rm.tasks()[name].build(tmp / f"{name}.onnx"))
+
+
 def load_npz(path):
     with np.load(REPO / path) as z:
         return {"input": z["input"].astype(np.float32)}, z["labels"].astype(np.int64)

@@ -32,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnxstack  # noqa: E402
 import common  # noqa: E402
-from common import REPO, SAMPLES, load_npz, write_results  # noqa: E402
-from onnxstack.analyse import analyse  # noqa: E402
+from common import REPO, SAMPLES, bench_model, load_npz, write_results  # noqa: E402
 from onnxstack.errors import ConfigError  # noqa: E402
-from onnxstack.normalise import normalise  # noqa: E402
+from onnxstack.pipeline import load_stage, opset_stage  # noqa: E402
 from onnxstack.search import layer_candidates_all  # noqa: E402
 
 TARGETS = (4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 18, 20, 24, 28, 32, 40, 48, 56, 64, 80, 100)
@@ -43,24 +42,23 @@ TOLERANCE = 1.15
 
 
 def model_and_data(name: str, n: int, tmp: Path) -> tuple[onnx.ModelProto, dict]:
+    model = bench_model(name, tmp)
     if name in SAMPLES:
-        model_path, _, calib_path = SAMPLES[name]
-        model = onnx.load(REPO / model_path)
-        calib, _ = load_npz(calib_path)
+        calib, _ = load_npz(SAMPLES[name][2])
         return model, {model.graph.input[0].name: calib["input"][:n]}
     import real_models as rm
 
     task = rm.tasks()[name]
-    model = onnx.load(task.build(tmp / f"{name}.onnx"))
     return model, {task.input_name: task.calib(False)[:n]}
 
 
 def ladder(model: onnx.ModelProto, feeds: dict, targets) -> tuple[list[dict], float, float]:
     """(rows, seconds of the candidates, the highest ratio the candidates reach)."""
     config = onnxstack.CompressConfig()
-    model = normalise(model)
+    # prepared as compress prepares it for a search: normalised, upgraded to the opset int4 weights need
+    model, infos, _ = opset_stage(load_stage(model).model, config, searching=True)
     t = time.perf_counter()
-    candidates = layer_candidates_all(model, analyse(model, config), feeds, config)
+    candidates = layer_candidates_all(model, infos, feeds, config)
     seconds = time.perf_counter() - t
     rows = []
     for r in targets:

@@ -29,22 +29,9 @@ from onnx import numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnxstack  # noqa: E402
-from common import REPO, SAMPLES, load_npz, write_results  # noqa: E402
+from common import REPO, SAMPLES, bench_model, load_npz, write_results  # noqa: E402
 
 LIMIT = 64 * 1024  # bytes: the bar for a float Gemm / MatMul weight left
-ZOO = ("resnet18", "resnet50", "mobilenetv2", "vgg16")
-
-
-def load(name: str, tmp: Path) -> onnx.ModelProto:
-    if name in SAMPLES:
-        return onnx.load(REPO / SAMPLES[name][0])
-    if name in ZOO:
-        import zoo
-
-        return onnx.load(zoo.model_path(name))
-    import real_models as rm
-
-    return onnx.load(rm.tasks()[name].build(tmp / f"{name}.onnx"))
 
 
 def float_left(model: onnx.ModelProto) -> tuple[dict | None, dict | None]:
@@ -78,7 +65,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            model = load(name, Path(tmp))
+            model = bench_model(name, Path(tmp))
             t = time.perf_counter()
             result = onnxstack.compress(model)
             seconds = time.perf_counter() - t
