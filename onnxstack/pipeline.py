@@ -40,7 +40,7 @@ from .plan import LayerPlan
 from .report import SUMMARY_KEYS, already_compressed, build_report
 from .rest import store_rest
 from .rewrite import rewrite
-from .search import Candidates, end_to_end, hold_out, layer_candidates_all, search_ratio
+from .search import TARGET_TOLERANCE, Candidates, end_to_end, hold_out, layer_candidates_all, search_ratio
 
 log = logging.getLogger("onnxstack")
 
@@ -337,9 +337,6 @@ def require_eligible(infos: list[ConvInfo]) -> None:
         raise NothingToCompressError("the model has no Conv node")
     reasons = sorted({i.reason for i in infos})
     raise NothingToCompressError(f"no eligible Conv among {len(infos)}: {'; '.join(reasons)[:300]}")
-
-
-TARGET_TOLERANCE = 1.15  # a target ratio lands within 15% (above it only when that measures less damage)
 
 
 def int_opset(model: onnx.ModelProto, config: CompressConfig, searching: bool) -> tuple[onnx.ModelProto, dict]:

@@ -468,6 +468,14 @@ def test_choices_try_the_dominant_layer_in_its_other_representations():
     first = fc.choices(8)[0][1]
     assert first["head"].representation == "binary" and first["head"].bits < 0.25 * 32 * 1000 / 8
     assert {label for label, _ in fc.choices(8)[1:]} == {"head as int4", "head as int8"}
+    # a head beside one small conv: at 6x the int4 head lands at 32 * 310 / (1200 + 320) = 6.5x; as binary the
+    # small conv cannot take up the bits it frees (16x), and an allocation landing that far above the target
+    # is not offered (the check would keep it for moving the outputs less, and miss the target)
+    alone = Candidates({"head": head, "conv": ladder(10)}, fixed_bits=0, total_bits=32 * 310)
+    ratio = {t: [32 * 310 / sum(x.bits for x in c.values()) for _, c in alone.choices(t)] for t in (6, 8)}
+    assert [label for label, _ in alone.choices(6)] == ["least summed damage"] and ratio[6][0] < 1.15 * 6
+    # at 8x the least summed damage lands at 16x (the binary head); the alternatives nearer 8x are offered
+    assert ratio[8][0] == pytest.approx(16) and len(ratio[8]) > 1 and all(r <= 1.15 * 8 for r in ratio[8][1:])
 
 
 def test_allocation_check_keeps_the_alternative_that_moves_the_outputs_least(monkeypatch):
