@@ -99,12 +99,16 @@ def test_too_few_rows_for_a_slice():
 
 def test_rank_deficient_layers_are_flagged():
     rng = np.random.default_rng(2)
-    X = rng.standard_normal((3000, 288))
+    X = rng.standard_normal((1000, 288))  # fewer than 4 rows a feature: more data could close a gap
     X[:, :40] = X[:, 40:80] @ rng.standard_normal((40, 40))  # slice 0 spans 104 of its 144 features
     check = check_layer(stats_of(X), 16, (3, 3), name="conv1")
     assert check.rank == 248 and check.weakest_slice == 0 and check.weakest_slice_rank == 104
     assert check.reason.startswith("the inputs of slice 0 span 104 of its 144 varying features")
-    X = rng.standard_normal((3000, 288))
+    many = rng.standard_normal((4000, 288))
+    many[:, :40] = many[:, 40:80] @ rng.standard_normal((40, 40))  # the same gap over 4000 rows: the network's
+    plenty = check_layer(stats_of(many), 16, (3, 3))
+    assert plenty.weakest_slice_rank == 104 and plenty.reason is None  # measured and reported, not warned
+    X = rng.standard_normal((1000, 288))
     X[:, :100] = X[:, 144:244] @ rng.standard_normal((100, 100))  # across slices: each alone is full rank
     check = check_layer(stats_of(X), 16, (3, 3))
     assert check.rank == 188 and check.weakest_slice_rank == 144

@@ -31,21 +31,23 @@ def output_size(in_hw, kernel, strides, pads, dilations):
 
 def im2col_rows(x: np.ndarray, positions: np.ndarray, kernel, strides=None, pads=None, dilations=None,
                 auto_pad="NOTSET") -> np.ndarray:
-    """Sampled im2col rows: x (B, C, H, W), positions (B, P) flat output indices -> (B*P, C*kh*kw)."""
-    from numpy.lib.stride_tricks import sliding_window_view
+    """Sampled im2col rows: x (B, C, H, W), positions (B, P) flat output indices -> (B*P, C*kh*kw).
 
+    Gathered from x itself (no padded copy of the batch): taps that fall in the padding read a clipped
+    pixel and are zeroed."""
     B, C, H, W = x.shape
     kh, kw = kernel
     strides, dilations = list(strides or [1, 1]), list(dilations or [1, 1])
     p = resolve_pads((H, W), kernel, strides, dilations, pads, auto_pad)
     _, wo = output_size((H, W), kernel, strides, p, dilations)
-    xp = np.pad(x, ((0, 0), (0, 0), (p[0], p[2]), (p[1], p[3])))
-    span = ((kh - 1) * dilations[0] + 1, (kw - 1) * dilations[1] + 1)
-    win = sliding_window_view(xp, span, axis=(2, 3))[..., :: dilations[0], :: dilations[1]]  # (B, C, H', W', kh, kw)
-    oh, ow = positions // wo * strides[0], positions % wo * strides[1]
-    b = np.repeat(np.arange(B), positions.shape[1])
-    rows = win[b, :, oh.ravel(), ow.ravel()]  # (B*P, C, kh, kw)
-    return rows.reshape(len(b), C * kh * kw)
+    r = (positions // wo * strides[0] - p[0])[..., None] + np.arange(kh) * dilations[0]  # (B, P, kh) rows of x
+    c = (positions % wo * strides[1] - p[1])[..., None] + np.arange(kw) * dilations[1]   # (B, P, kw) columns
+    b = np.arange(B)[:, None, None, None]
+    taps = x[b, :, np.clip(r, 0, H - 1)[..., None], np.clip(c, 0, W - 1)[..., None, :]]  # (B, P, kh, kw, C)
+    inside = ((r >= 0) & (r < H))[..., None] & ((c >= 0) & (c < W))[..., None, :]
+    if not inside.all():
+        taps = taps * inside[..., None].astype(taps.dtype)
+    return taps.transpose(0, 1, 4, 2, 3).reshape(B * positions.shape[1], C * kh * kw)
 
 
 FIT_DTYPE = np.float32  # the metric's H, its factor U and W*: BLAS-3 in single precision, as GPTQ does
