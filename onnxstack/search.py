@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from .analyse import INT_MIN_OPSET, ConvInfo, analyse
 from .calibrate import Walk, install_weights
 from .config import CompressConfig, LayerOverride
-from .core import cost
+from .core import allocation, cost
 from .core.calib import LayerStats, OutputMetric, fit_output_aware, fit_output_aware_filter
 from .core.fit import ceil_div, from_slices
 from .errors import ConfigError, OnnxstackError
@@ -183,42 +183,19 @@ def sensitivities(model: onnx.ModelProto, infos: dict[str, ConvInfo], refs: dict
     return out
 
 
-def allocate(candidates: dict[str, list[Candidate]], budget_bits: float) -> dict[str, Candidate]:
-    """The choice per layer that minimises summed damage within the bit budget."""
-    def pick(lam):
-        return {k: min(c, key=lambda x: (x.damage + lam * x.bits, x.bits)) for k, c in candidates.items()}
-
+def allocate(candidates: dict[str, list[Candidate]], budget_bits: float,
+             low_bits: float | None = None) -> dict[str, Candidate]:
+    """The choice per layer that minimises summed damage within the bit budget (core.allocation); with
+    `low_bits`, one that spends at least that many where the relaxation's answer spends fewer and an
+    allocation between the two exists (a target ratio then lands within TARGET_TOLERANCE)."""
     cheapest = sum(min(x.bits for x in c) for c in candidates.values())
     if cheapest > budget_bits:
         raise ConfigError(f"the target ratio needs {budget_bits:.0f} bits for the compressed layers, but their "
                           f"smallest settings take {cheapest}; lower the target")
-    lo, hi = 0.0, 1.0
-    while sum(x.bits for x in pick(hi).values()) > budget_bits:
-        hi *= 4
-    if sum(x.bits for x in pick(lo).values()) <= budget_bits:
-        return pick(lo)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if sum(x.bits for x in pick(mid).values()) > budget_bits else (lo, mid)
-    return _fill(pick(hi), candidates, budget_bits)
-
-
-def _fill(choice: dict[str, Candidate], candidates: dict[str, list[Candidate]], budget_bits: float):
-    """Spend what the relaxation left of the budget: take the upgrade with the most damage saved per
-    extra bit, while one fits."""
-    choice = dict(choice)
-    while True:
-        spare = budget_bits - sum(c.bits for c in choice.values())
-        best, best_rate = None, 0.0
-        for name, options in candidates.items():
-            now = choice[name]
-            for c in options:
-                extra, saved = c.bits - now.bits, now.damage - c.damage
-                if saved > 0 and 0 < extra <= spare and saved / extra > best_rate:
-                    best, best_rate = (name, c), saved / extra
-        if best is None:
-            return choice
-        choice[best[0]] = best[1]
+    choice = allocation.lagrangian(candidates, budget_bits)
+    if low_bits is not None and sum(c.bits for c in choice.values()) < low_bits:
+        choice = allocation.in_window(candidates, low_bits, budget_bits) or choice
+    return choice
 
 
 def overrides_for(choice: dict[str, Candidate], config: CompressConfig) -> CompressConfig:
@@ -262,7 +239,11 @@ class Candidates:
 
     def settings(self, config: CompressConfig, target_ratio: float) -> tuple[CompressConfig, dict]:
         """Per-layer overrides reaching `target_ratio` with the least summed damage, and the choice table."""
-        return self.apply(config, allocate(self.per_layer, self.budget(target_ratio)))
+        return self.apply(config, allocate(self.per_layer, self.budget(target_ratio), self.low_bits(target_ratio)))
+
+    def low_bits(self, target_ratio: float) -> float:
+        """The fewest bits of the searched layers that land within TARGET_TOLERANCE of the target."""
+        return self.total_bits / (TARGET_TOLERANCE * target_ratio) - self.fixed_bits
 
     def apply(self, config: CompressConfig, choice: dict[str, Candidate]) -> tuple[CompressConfig, dict]:
         """The config with `choice` as per-layer overrides, and the choice table of the report."""
@@ -286,10 +267,9 @@ class Candidates:
         strings kept, 0.0428 for 88 %). An alternative landing more than TARGET_TOLERANCE above the target
         (and above the first) is not offered: the check would keep it for less damage, and miss the target."""
         budget = self.budget(target_ratio)
-        first = allocate(self.per_layer, budget)
+        first = allocate(self.per_layer, budget, self.low_bits(target_ratio))
         out = [("least summed damage", first)]
-        least_bits = min(self.total_bits / (TARGET_TOLERANCE * target_ratio) - self.fixed_bits,
-                         sum(c.bits for c in first.values()))  # fewer bits land too far above the target
+        least_bits = min(self.low_bits(target_ratio), sum(c.bits for c in first.values()))  # fewer: too far above
         dense = {name: max(x.bits for x in options) for name, options in self.per_layer.items()}
         weights = sum(dense.values())
         for name, c in sorted(first.items(), key=lambda kv: -max(kv[1].bits / budget, dense[kv[0]] / weights)):
@@ -300,7 +280,7 @@ class Candidates:
                 if rep == c.representation or not options:
                     continue
                 try:
-                    alt = allocate({**self.per_layer, name: options}, budget)
+                    alt = allocate({**self.per_layer, name: options}, budget, self.low_bits(target_ratio))
                 except ConfigError:  # that representation alone does not fit the budget
                     continue
                 if sum(x.bits for x in alt.values()) >= least_bits and all(alt != other for _, other in out):
