@@ -231,7 +231,7 @@ def check_layer(stats, d: int, kernel: tuple[int, int], *, name: str = "", rel_t
         f = f[live[f]]
         slice_ranks.append((_rank(H[np.ix_(f, f)], rel_tol * scale) - len(f), j, len(f)))
     gap, weakest, weakest_live = min(slice_ranks)
-    rank = _rank(H if live.all() else H[np.ix_(live, live)], rel_tol * scale, overwrite=True)
+    rank = _rank(H, rel_tol * scale, overwrite=True)  # a dead feature's pivot is below tol: never counted
     del H
     check = LayerCheck(name, n, K, int(K - live.sum()), rank, D, weakest, weakest_live + gap, weakest_live)
     return _with_reason(check, d, kh, kw)

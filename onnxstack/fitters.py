@@ -110,16 +110,21 @@ def int_candidate(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, s
 TRIAL_ROUNDS = 1
 
 
+GROUPED_BINARY = ((16, 1), (256, 1), (256, 2))  # (m, k) of a grouped conv's binary candidates, at d = 1
+
+
 def grouped_int(model: onnx.ModelProto, infos: list[ConvInfo], config: CompressConfig,
-                opset: int) -> dict[str, list[tuple[int, float, str]]]:
-    """name -> [(bits, relative weight error, "int8" / "int4")] of the search candidates
+                opset: int) -> dict[str, list[tuple[int, float, str, int, int, int]]]:
+    """name -> [(bits, relative weight error, "int8" / "int4" / "binary", d, m, k)] of the search candidates
     (search.layer_candidates_all) of each grouped or depthwise conv the user left alone: int8 per output
     channel, and int4 where the opset has it, rounded to nearest from its weights (the output-aware fits
-    need group=1, and the binary slicing needs d input channels a group). Kept float, EfficientNet-Lite0's
-    16 depthwise convs hold 4 % of its weights and take 66 % of the bit budget of a 16x target; int8 stores
+    need group=1); and binary at slice depth 1 (a slice is one channel's kh x kw kernel) for the
+    GROUPED_BINARY codebooks and terms, fitted to the weights. Kept float, EfficientNet-Lite0's 16
+    depthwise convs hold 4 % of its weights and take 66 % of the bit budget of a 16x target; int8 stores
     them (with their float biases) in a third of that, at relative weight errors below 1e-4; int4 saves a
     quarter more (a 3x3 filter's scale and bias weigh as much as its weights) and lets a tight budget
-    (above 32x there) be met at all. Empty below the opset DequantizeLinear needs."""
+    (above 32x there) be met at all; binary (an 8-bit index and a 16-bit scale a 5x5 kernel, against
+    int4's 100 bits and 32-bit scale) lets 80x and 100x be met. Empty below the opset DequantizeLinear needs."""
     names = [i.name for i in infos if i.group != 1 and i.shape and len(i.shape) == 4 and i.name not in config.overrides]
     if opset < INT_MIN_OPSET or not names:
         return {}
@@ -137,7 +142,17 @@ def grouped_int(model: onnx.ModelProto, infos: list[ConvInfo], config: CompressC
             q, scales = intq.quantize_weights(w, bits)
             error = float(np.sum((intq.decode(q, scales) - w) ** 2) / norm)
             stored = cost.int_bits(w.shape[0], int(np.prod(w.shape[1:])), bits, info.bias_name is not None)["total"]
-            out[info.name].append((stored, error, f"int{bits}"))
+            out[info.name].append((stored, error, f"int{bits}", 0, 0, 0))
+        n, cg, kh, kw = w.shape
+        for m, k in GROUPED_BINARY if kh * kw >= 4 else ():  # 1x1: a 1-weight slice has 2 codewords
+            if m > min(n * cg // 2, 1 << (kh * kw)):
+                continue
+            one = replace(as_int, overrides={**as_int.overrides, info.name: LayerOverride(slice_dim=1, codebook_size=m,
+                                                                                      terms=k)})
+            plan = plan_layer(info, w, one)
+            error = float(np.sum((plan.decoded_weight() - w) ** 2) / norm)
+            stored = cost.compressed_bits(n, cg, 1, kh, kw, m, plan.scale, info.bias_name is not None, k)["total"]
+            out[info.name].append((stored, error, "binary", 1, m, k))
     return out
 
 
@@ -191,7 +206,7 @@ def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds, config: Com
     the inputs of the model compressed so far (one walk, calibrate.py)."""
     if feeds is None:
         return _weights_only(model, infos, config, progress)
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    tensors = {t.name: t for t in model.graph.initializer}  # read a layer at a time (ResNet-50: 100 MB at once)
     todo = [i for i in infos if i.eligible]
     opset = default_opset(model)
     chosen = {i.node_index: choose(i, config, calibrated=True, opset=opset) for i in todo}
@@ -208,18 +223,19 @@ def fit_layers(model: onnx.ModelProto, infos: list[ConvInfo], feeds, config: Com
                 plan = done[key]
             else:
                 fitter, reason = chosen[info.node_index]
-                layer_config, ridge = config, None
+                layer_config, ridge, weight = config, None, numpy_helper.to_array(tensors[info.weight_name])
                 if isinstance(stats, tuple):  # the held-out rows choose the ridge, then every row is fitted
                     fit, held = stats
-                    damp = held_out_damp(_trial(fitter, info, weights[info.weight_name], config, fit, opset),
+                    damp = held_out_damp(_trial(fitter, info, weight, config, fit, opset),
                                          fit, held, config.calibration_damp)
-                    stats = fit.merged(held)
+                    stats = fit.absorb(held)  # every row, in fit's arrays
+                    del fit, held
                     if damp != config.calibration_damp:
                         ridge = (f"ridge {damp:g} (not {config.calibration_damp:g}), chosen on held-out rows: "
-                                 f"{stats.n} calibration rows for {fit.sxx.shape[0]} weights a filter")
+                                 f"{stats.n} calibration rows for {stats.sxx.shape[0]} weights a filter")
                         log.info("%s: %s", info.name, ridge)
                         layer_config = replace(config, calibration_damp=damp)
-                plan = FITTERS[fitter](Job(info, weights[info.weight_name], layer_config, stats, opset))
+                plan = FITTERS[fitter](Job(info, weight, layer_config, stats, opset))
                 if ridge:
                     plan = replace(plan, note="; ".join(filter(None, [plan.note, ridge])))
                 if reason:

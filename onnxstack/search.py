@@ -341,8 +341,8 @@ def layer_candidates_all(model: onnx.ModelProto, infos: list[ConvInfo], feeds: d
         cands[name] = [replace(c, damage=c.damage * gain) for c in options]
     # a grouped conv's damage: its relative weight error (the output error of a per-channel filter on its own
     # inputs, roughly) at the typical layer's sensitivity, as it has no walk stats of its own
-    cands.update({name: [Candidate(0, 0, 0, bits, error * typical, rep) for bits, error, rep in options]
-                  for name, options in grouped.items()})
+    cands.update({name: [Candidate(d, m, k, bits, error * typical, rep, config.for_layer(name).scale)
+                         for bits, error, rep, d, m, k in options] for name, options in grouped.items()})
     return Candidates(cands, fixed, total, gains)
 
 

@@ -171,8 +171,9 @@ def test_held_out_rows_choose_a_stronger_ridge_where_the_data_cannot_pin_a_layer
     many = rows(4 * K)
     assert held_out_damp(lambda d: ridge_target(many, w, d), many, held, 0.01) == 0.01
     # merged stats are the stats of all the rows
-    both = fit.merged(held)
-    assert both.n == 64 and np.allclose(both.sxx, fit.sxx + held.sxx)
+    sums = fit.sxx + held.sxx
+    both = fit.absorb(held)
+    assert both is fit and both.n == 64 and np.allclose(both.sxx, sums)
 
 
 def test_the_binary_fits_ridge_pulls_toward_the_original_weight_not_toward_zero():

@@ -321,6 +321,22 @@ def test_the_top_of_the_ladder_takes_wide_slices_and_int4_depthwise():
     assert all(alloc[n]["representation"] == "binary" and alloc[n]["slice_dim"] > 64 for n in ("conv0", "conv2"))
 
 
+def test_100x_stores_a_depthwise_conv_binary_a_kernel_a_slice():
+    # a 5x5 depthwise conv as int4 takes 100 bits of weights and 64 of scale and bias a channel: beside two
+    # 1x1 convs at their smallest it exceeds the budget of 100x; binary at d = 1 (one kernel a slice, 8-bit
+    # indices and 16-bit scales) fits
+    model = conv_model([{"in": 512, "out": 512, "k": 1}, {"out": 512, "k": 5, "group": 512, "pads": [2, 2, 2, 2]},
+                        {"out": 512, "k": 1}], hw=(6, 6))
+    result = onnxstack.compress(model, CompressConfig(), data=_feeds(model, 24), target_ratio=100)
+    report = result.report
+    assert 100 / 1.15 <= report["conv_ratio"] <= 100 * 1.15
+    assert report["allocation"]["conv1"]["representation"] == "binary"
+    layer = next(e for e in report["layers"] if e["name"] == "conv1")
+    assert layer["representation"] == "binary" and layer["slice_dim"] == 1 and layer["fitter"] == "weights"
+    ref, got = (run_ort(m, _feeds(model, 4, seed=1))[0] for m in (model, result.model))
+    assert np.isfinite(got).all() and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.5
+
+
 def test_the_search_chooses_the_scale_mode_per_layer_and_the_plan_follows_it():
     # a float16 scale a 16-weight slice is a bit a weight on a 1x1 conv: per-filter scales spend it on terms
     model = conv_model([{"in": 128, "out": 128, "k": 1}, {"out": 128, "k": 1}, {"out": 64, "pads": [1, 1, 1, 1]}],
