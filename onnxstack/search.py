@@ -38,7 +38,7 @@ from .runtime import predict_top1
 log = logging.getLogger("onnxstack")
 
 SLICE_DIMS = (1, 2, 4, 8, 16, 32, 64)
-TOP_SLICE_DIMS = (128, 256)  # only for rungs beyond those SLICE_DIMS reach: the top of the ladder (100x)
+TOP_SLICE_DIMS = (128, 256)  # and the layer's channels: only for rungs beyond those SLICE_DIMS reach (100x)
 TERMS = (1, 2, 3, 4)
 CODEBOOK_SIZES = (16, 64, 256, 1024, 4096)
 RUNGS = tuple(2.0 ** (k / 2) for k in range(2, 19))  # conv ratios 2x ... 512x, sqrt(2) apart
@@ -81,19 +81,21 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
     apart) the PER_RUNG candidates that spend the most bits on the codebook and indices rather than scales
     (the terms and codewords that carry information), at the config's scale mode; and per rung the most
     informative one with the other mode (a float16 scale a 16-weight slice is a bit a weight: per-filter
-    scales spend it on terms, which pays on wide 1x1 convs and FC layers). TOP_SLICE_DIMS only extend
-    the ladder past the highest rung the others reach. Cost of the search: about that many fits a layer."""
+    scales spend it on terms, which pays on wide 1x1 convs and FC layers). TOP_SLICE_DIMS and a whole
+    filter a slice only extend the ladder past the highest rung the others reach, and the cheapest setting
+    of all is always tried (how far the layer can go). Cost of the search: about that many fits a layer."""
     n, cg, kh, kw = info.shape
     has_bias = True  # calibration stores a corrected bias
     dense = cost.dense_bits(n, cg, kh, kw, has_bias)
     fixed = config.overrides.get(info.name, LayerOverride()).scale  # a user's scale mode is the only one tried
     rungs, others, mode = {}, {}, fixed or config.scale  # rung -> [(share of useful bits, d, (d, m, k, scale))]
     modes = ((mode, rungs),) if fixed else ((mode, rungs), ("filter" if mode == "slice" else "slice", others))
-    top = None  # the highest rung of SLICE_DIMS
-    for d in SLICE_DIMS + TOP_SLICE_DIMS:
+    top, cheapest = None, (np.inf, None)  # the highest rung of SLICE_DIMS; the fewest bits of all
+    wide = tuple(sorted({*TOP_SLICE_DIMS, cg} - set(SLICE_DIMS)))  # a whole filter a slice is the widest
+    for d in SLICE_DIMS + wide:
         if d > cg:
             continue
-        top = max(rungs, default=-1) if d in TOP_SLICE_DIMS and top is None else top
+        top = max(rungs, default=-1) if d in wide and top is None else top
         D, slices = d * kh * kw, n * ceil_div(cg, d)
         sizes = [m for m in CODEBOOK_SIZES if 2 <= m <= max(2, slices // 2) and m <= 1 << D
                  and m * D * D * 8 <= MAX_CODEBOOK_BYTES]
@@ -106,8 +108,9 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
                     ratio = dense / bits["total"]
                     if ratio < 1.5:
                         continue
+                    cheapest = min(cheapest, (bits["total"], (d, m, k, scale)))
                     rung = int(np.argmin([abs(np.log(ratio / r)) for r in RUNGS]))
-                    if d in TOP_SLICE_DIMS and rung <= top:
+                    if d in wide and rung <= top:
                         continue
                     useful = (bits["codebook"] + bits["indices"]) / bits["total"]
                     into.setdefault(rung, []).append((useful, d, (d, m, k, scale)))
@@ -116,7 +119,8 @@ def candidate_grid(info: ConvInfo, config: CompressConfig) -> list[tuple[int, in
         options = rungs[rung]
         picks = [max(options)[2], max(options, key=lambda o: (o[1], o[0]))[2]]
         grid += list(dict.fromkeys(picks))[:PER_RUNG]
-    return grid + [max(others[rung])[2] for rung in sorted(others)]
+    grid += [max(others[rung])[2] for rung in sorted(others)]
+    return grid + [cheapest[1]] if cheapest[1] and cheapest[1] not in grid else grid  # the ladder's top
 
 
 def layer_candidates(info: ConvInfo, weight: np.ndarray, bias: np.ndarray | None, stats: LayerStats,

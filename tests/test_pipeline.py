@@ -322,19 +322,39 @@ def test_the_top_of_the_ladder_takes_wide_slices_and_int4_depthwise():
 
 
 def test_100x_stores_a_depthwise_conv_binary_a_kernel_a_slice():
-    # a 5x5 depthwise conv as int4 takes 100 bits of weights and 64 of scale and bias a channel: beside two
-    # 1x1 convs at their smallest it exceeds the budget of 100x; binary at d = 1 (one kernel a slice, 8-bit
-    # indices and 16-bit scales) fits
-    model = conv_model([{"in": 512, "out": 512, "k": 1}, {"out": 512, "k": 5, "group": 512, "pads": [2, 2, 2, 2]},
-                        {"out": 512, "k": 1}], hw=(6, 6))
+    # a 5x5 depthwise conv as int4 takes 100 bits of weights and 64 of scale and bias a channel: two of them
+    # beside two 1x1 convs at their smallest exceed the budget of 100x; binary at d = 1 (one kernel a slice,
+    # 8-bit indices and 16-bit scales) fits
+    dw = {"out": 512, "k": 5, "group": 512, "pads": [2, 2, 2, 2]}
+    model = conv_model([{"in": 512, "out": 512, "k": 1}, dw, dw, {"out": 512, "k": 1}], hw=(6, 6))
     result = onnxstack.compress(model, CompressConfig(), data=_feeds(model, 24), target_ratio=100)
     report = result.report
     assert 100 / 1.15 <= report["conv_ratio"] <= 100 * 1.15
-    assert report["allocation"]["conv1"]["representation"] == "binary"
-    layer = next(e for e in report["layers"] if e["name"] == "conv1")
+    assert "binary" in {report["allocation"][n]["representation"] for n in ("conv1", "conv2")}
+    layer = next(e for e in report["layers"] if e["name"] in ("conv1", "conv2") and e["representation"] == "binary")
     assert layer["representation"] == "binary" and layer["slice_dim"] == 1 and layer["fitter"] == "weights"
     ref, got = (run_ort(m, _feeds(model, 4, seed=1))[0] for m in (model, result.model))
     assert np.isfinite(got).all() and np.corrcoef(ref.ravel(), got.ravel())[0, 1] > 0.5
+
+
+def test_the_grid_reaches_the_cheapest_setting_a_layer_has():
+    # the top of the ladder: the fewest bits over every (d, m, k, scale) the grid's rules allow, a whole
+    # filter a slice (d = 192, in neither slice-depth list) included, whichever rung it falls on
+    from onnxstack.analyse import analyse
+    from onnxstack.core import cost
+    from onnxstack.search import CODEBOOK_SIZES, MAX_CODEBOOK_BYTES, SLICE_DIMS, TERMS, TOP_SLICE_DIMS, candidate_grid
+
+    model = conv_model([{"in": 192, "out": 96, "k": 1}, {"out": 96, "k": 1}], hw=(4, 4))
+    info = analyse(model, CompressConfig())[0]
+    grid = candidate_grid(info, CompressConfig())
+
+    def bits(d, m, k, scale):
+        return cost.compressed_bits(96, -(-192 // d), d, 1, 1, m, scale, True, k)["total"]
+
+    every = [(d, m, k, sc) for d in (*SLICE_DIMS, *TOP_SLICE_DIMS, 192) if d <= 192 for m in CODEBOOK_SIZES
+             if m <= max(2, 96 * -(-192 // d) // 2) and m <= 2 ** d and m * d * d * 8 <= MAX_CODEBOOK_BYTES
+             for k in TERMS for sc in ("slice", "filter")]
+    assert min(bits(*g) for g in grid) == min(bits(*g) for g in every)
 
 
 def test_the_search_chooses_the_scale_mode_per_layer_and_the_plan_follows_it():
