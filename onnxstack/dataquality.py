@@ -20,7 +20,8 @@ effective rank on the features that vary:
 
 compared with K (less the constant features: dead channels, which no data can pin and none needs) and
 with each slice's d*kh*kw weights (its diagonal block of H). A gap in the rank is the data's fault, and
-warned about, only while the layer has fewer than PLENTY rows a feature: past that, more samples would not
+warned about, only while the layer has fewer than UNDERDETERMINED rows a feature (core.calib, where the
+fit's ridge is chosen on held-out rows for the same reason): past that, more samples would not
 close it (the layer's input channels are correlated or nearly dead: a ResNet-50 on 512 images has a slice
 of 15 independent features among 16 in most layers), and the fit's ridge toward the original weight
 handles such directions; the check is still in the report. Fewer independent directions than a slice
@@ -35,6 +36,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .core.calib import UNDERDETERMINED
+
 log = logging.getLogger("onnxstack")
 
 DUPLICATE_COSINE = 0.999
@@ -42,7 +45,6 @@ FINGERPRINT_BINS = 16   # per axis
 MIN_SAMPLES = 100       # below this the output-aware fit tends to learn the samples, not the inputs
 MAX_CHECKED = 8192      # a seeded subset beyond this (the pairwise check is quadratic)
 RANK_TOL = 1e-6
-PLENTY = 4  # rows a feature past which a layer's rank gap is not the data's (core.calib.UNDERDETERMINED)
 _CHUNK = 512            # rows of the pairwise similarity computed at once (and most samples a batch reads),
 _CHUNK_VALUES = 1 << 17  # or fewer: (rows, n) similarities of at most this many values
 _BATCH_BYTES = 8 << 20  # feeds read at once by check_dataset
@@ -248,7 +250,7 @@ def _with_reason(c: LayerCheck, d: int, kh: int, kw: int) -> LayerCheck:
     elif c.rank < c.slice_weights:
         reason = (f"the calibration inputs span only {c.rank} independent directions, fewer than the {weights}; "
                   f"{more}")
-    elif c.rows >= PLENTY * c.features:  # the rank gaps below are the network's, not the data's
+    elif c.rows >= UNDERDETERMINED * c.features:  # the rank gaps below are the network's, not the data's
         return c
     elif c.weakest_slice_rank < c.weakest_slice_features:
         reason = (f"the inputs of slice {c.weakest_slice} span {c.weakest_slice_rank} of its "

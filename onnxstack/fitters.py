@@ -150,7 +150,7 @@ def grouped_int(model: onnx.ModelProto, infos: list[ConvInfo], config: CompressC
             one = replace(as_int, overrides={**as_int.overrides, info.name: LayerOverride(slice_dim=1, codebook_size=m,
                                                                                       terms=k)})
             plan = plan_layer(info, w, one)
-            error = float(np.sum((plan.decoded_weight() - w) ** 2) / norm)
+            error = plan.weight_rel_error ** 2  # squared, as the integer candidates' above
             stored = cost.compressed_bits(n, cg, 1, kh, kw, m, plan.scale, info.bias_name is not None, k)["total"]
             out[info.name].append((stored, error, "binary", 1, m, k))
     return out

@@ -270,10 +270,10 @@ class Candidates:
         the task's metric (bench/results/allocation_probe.md: OCR at 8x, summed damage 0.0225 for 66 % of
         strings kept, 0.0428 for 88 %). An alternative landing more than TARGET_TOLERANCE above the target
         (and above the first) is not offered: the check would keep it for less damage, and miss the target."""
-        budget = self.budget(target_ratio)
-        first = allocate(self.per_layer, budget, self.low_bits(target_ratio))
+        budget, low = self.budget(target_ratio), self.low_bits(target_ratio)
+        first = allocate(self.per_layer, budget, low)
         out = [("least summed damage", first)]
-        least_bits = min(self.low_bits(target_ratio), sum(c.bits for c in first.values()))  # fewer: too far above
+        least_bits = min(low, sum(c.bits for c in first.values()))  # fewer: too far above
         dense = {name: max(x.bits for x in options) for name, options in self.per_layer.items()}
         weights = sum(dense.values())
         for name, c in sorted(first.items(), key=lambda kv: -max(kv[1].bits / budget, dense[kv[0]] / weights)):
@@ -284,7 +284,7 @@ class Candidates:
                 if rep == c.representation or not options:
                     continue
                 try:
-                    alt = allocate({**self.per_layer, name: options}, budget, self.low_bits(target_ratio))
+                    alt = allocate({**self.per_layer, name: options}, budget, low)
                 except ConfigError:  # that representation alone does not fit the budget
                     continue
                 if sum(x.bits for x in alt.values()) >= least_bits and all(alt != other for _, other in out):
